@@ -1,0 +1,40 @@
+"""The ``csm_nnunet`` command. Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("csm_nnunet.doctor", "check that nnU-Net finds our classes, versions and the torch/torchvision pair"),
+    "prepare-unlabeled": ("csm_nnunet.unlabeled",
+                          "make a raw dataset without labelsTr plannable by nnU-Net (body-mask labels)"),
+    "make-dataset": ("csm_nnunet.synthetic", "write a synthetic multi-series MRI-like dataset in nnU-Net raw format"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="csm_nnunet", description=__doc__.split(".")[0] + ".")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help()
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ncsm_nnunet: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"csm_nnunet {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
