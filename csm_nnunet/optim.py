@@ -1,0 +1,40 @@
+"""Learning-rate schedule for ViT training: linear warm-up, then cosine decay (paper IV.A: "cosine decay learning
+rate starting at 1e-3"; warm-up is the standard MAE practice that keeps early ViT updates stable).
+
+Stepped once per epoch with the epoch index, like nnU-Net's own schedulers (``lr_scheduler.step(current_epoch)``),
+so resuming from a checkpoint lands on the same learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class WarmupCosineLR(LRScheduler):
+    def __init__(self, optimizer: Optimizer, initial_lr: float, max_steps: int, warmup_steps: int,
+                 min_lr: float = 0.0):
+        self.initial_lr = float(initial_lr)
+        self.max_steps = max(1, int(max_steps))
+        self.warmup_steps = max(0, min(int(warmup_steps), self.max_steps - 1))
+        self.min_lr = float(min_lr)
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.initial_lr * (step + 1) / (self.warmup_steps + 1)
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.initial_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = self.lr_at(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [lr for _ in self.optimizer.param_groups]

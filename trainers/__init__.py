@@ -1,0 +1,20 @@
+"""nnU-Net trainers of csm-nnunet (installed as ``csm_nnunet.trainers``; found by ``nnUNetv2_train -tr`` through
+the discovery shim ``nnunetv2.training.nnUNetTrainer.csm_nnunet``)."""
+
+from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
+from csm_nnunet.trainers.csm_pretrainer_ablations import (
+    CSMPretrainer_Mask50,
+    CSMPretrainer_NoSeriesMask,
+    CSMPretrainer_SamePositionMask,
+    CSMPretrainer_SeriesMaskNoRecon,
+    MAEPretrainer,
+)
+
+__all__ = [
+    "CSMPretrainer",
+    "CSMPretrainer_Mask50",
+    "CSMPretrainer_NoSeriesMask",
+    "CSMPretrainer_SamePositionMask",
+    "CSMPretrainer_SeriesMaskNoRecon",
+    "MAEPretrainer",
+]

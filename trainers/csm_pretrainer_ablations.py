@@ -1,0 +1,37 @@
+"""The paper's pretraining ablations (section IV.C, Tables VII and VIII) and the channel-fused MAE baseline.
+
+Each is one switch on :class:`CSMPretrainer`; the names are what users pass to ``nnUNetv2_train -tr``.
+"""
+
+from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
+
+
+class CSMPretrainer_SamePositionMask(CSMPretrainer):
+    """"Random patch-mask x": one patch mask shared by all series of a case."""
+
+    same_position = True
+
+
+class CSMPretrainer_SeriesMaskNoRecon(CSMPretrainer):
+    """"Series-mask o": whole series are hidden but their reconstruction is not scored."""
+
+    series_masking = "no_reconstruct"
+
+
+class CSMPretrainer_NoSeriesMask(CSMPretrainer):
+    """"Series-mask x": intra-series masking only, no whole series hidden."""
+
+    series_masking = "off"
+
+
+class CSMPretrainer_Mask50(CSMPretrainer):
+    """Mask ratio 50% instead of 87.5%."""
+
+    mask_ratio = 0.5
+
+
+class MAEPretrainer(CSMPretrainer):
+    """Baseline MAE: all series fused into one token per patch (MONAI/nnssl style), patch masking only."""
+
+    fused_tokens = True
+    series_masking = "off"
