@@ -1,0 +1,232 @@
+"""End to end through nnU-Net's own, unmodified console scripts, as a user runs them after ``pip install``.
+
+Synthetic data (our generator) and real MRI: ../shared/data/Dataset801_OpenMSLesjak2mm (3 MS patients, T1, T1POST,
+T2, FLAIR; CC-BY; Lesjak et al., "A Novel Public MR Image Dataset of Multiple Sclerosis Patients With Lesion
+Segmentations Based on Multi-rater Consensus", Neuroinformatics 16:51-63, 2018).
+
+Runs are tiny (CSM_PRESET=tiny, a few iterations) so the suite fits CI on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BIN = Path(sys.executable).parent
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset801_OpenMSLesjak2mm"
+SHORT = {"CSM_PRESET": "tiny", "CSM_NUM_EPOCHS": "2", "CSM_ITERS_PER_EPOCH": "2", "CSM_VAL_ITERS": "1"}
+
+
+def run(cmd: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    exe = shutil.which(cmd[0], path=str(BIN)) or cmd[0]
+    proc = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=env["nnUNet_results"])  # a user's folder, not the checkout
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def nnunet_env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
+    for name in ("raw", "preprocessed", "results"):
+        (root / name).mkdir()
+        env[f"nnUNet_{name}"] = str(root / name)
+    env.update(nnUNet_compile="f", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", PYTHONWARNINGS="ignore")
+    return env
+
+
+def plan(env: dict[str, str], dataset_id: int, planner: str | None = "CSMPlanner",
+         configurations: tuple[str, ...] = ("3d_fullres",)) -> None:
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must be >= 1 there
+    cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1"]
+    run(cmd + (["-pl", planner] if planner else []), {**env, "nnUNet_n_proc_DA": "1"})
+
+
+def fold_dir(env: dict[str, str], dataset: str, trainer: str, plans: str) -> Path:
+    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / "fold_all"
+
+
+def train(env: dict[str, str], dataset_id: int, trainer: str, plans: str, extra: dict[str, str] | None = None,
+          args: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["nnUNetv2_train", str(dataset_id), "3d_fullres", "all", "-tr", trainer, "-p", plans, "-device", "cpu"]
+    return run(cmd + list(args), {**env, **SHORT, **(extra or {})}, check=check)
+
+
+def log_text(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
+
+
+@pytest.fixture(scope="module")
+def synthetic(nnunet_env) -> dict[str, str]:
+    out = Path(nnunet_env["nnUNet_raw"]) / "Dataset990_CSMSynth"
+    run(["csm_nnunet", "make-dataset", "--kind", "brain", "--cases", "4", "--out", str(out), "--shape", "48", "48",
+         "48", "--seed", "0"], nnunet_env)
+    plan(nnunet_env, 990)
+    return nnunet_env
+
+
+def test_doctor_finds_everything(nnunet_env):
+    proc = run(["csm_nnunet", "doctor"], nnunet_env)
+    assert "0 failed" in proc.stdout, proc.stdout
+    assert run([str(BIN / "python"), "-m", "csm_nnunet", "doctor", "--quiet"], nnunet_env).returncode == 0
+
+
+def test_csm_planner_plans_token_multiples(synthetic):
+    plans = json.loads((Path(synthetic["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" /
+                        "nnUNetCSMPlans.json").read_text())
+    patch = plans["configurations"]["3d_fullres"]["patch_size"]
+    assert all(p % 16 == 0 for p in patch), patch
+
+
+def test_pretrain_resume_and_artifacts(synthetic):
+    env = synthetic
+    folder = fold_dir(env, "Dataset990_CSMSynth", "CSMPretrainer", "nnUNetCSMPlans")
+    train(env, 990, "CSMPretrainer", "nnUNetCSMPlans")
+    final = folder / "checkpoint_final.pth"
+    assert final.is_file() and (folder / "checkpoint_best.pth").is_file() and (folder / "progress.png").is_file()
+    assert list((folder / "snapshots").glob("reconstruction_epoch_*.png"))
+    assert not list(folder.glob("*.tmp")), "a temporary checkpoint was left behind"
+    assert not (folder / "validation").exists(), "a pretrainer must not export segmentations"
+    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "CSMPretrainer" and ckpt["current_epoch"] == 2
+    assert ckpt["csm_network"]["series_names"] == ["T1", "T1ce", "T2", "FLAIR"]
+    assert len(ckpt["logging"]["train_losses"]) == 2 and len(ckpt["logging"]["val_losses"]) == 2
+    text = log_text(folder)
+    assert "num_epochs = 2 (from environment" in text and "preset = 'tiny'" in text
+    # --c continues from the final checkpoint when more epochs are asked for
+    train(env, 990, "CSMPretrainer", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "3"}, ("--c",))
+    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 3 and len(ckpt["logging"]["train_losses"]) == 3
+    epochs = re.findall(r": Epoch (\d+)\s*$", log_text(folder), re.M)
+    assert epochs == ["0", "1", "2"], epochs  # epoch 2 ran after resuming; 0 and 1 were not repeated
+
+
+OVERFIT_SCRIPT = """
+import json, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+trainer = get_trainer_from_args("990", "3d_fullres", "all", "CSMPretrainer", "nnUNetCSMPlans",
+                                device=torch.device("cpu"))
+trainer.on_train_start()
+batch = next(trainer.dataloader_train)
+losses = []
+for _ in range(25):
+    trainer._mask_generator.manual_seed(0)  # the same batch and the same masks every step: an overfit
+    losses.append(float(trainer.train_step(batch)["loss"]))
+trainer.on_train_end()
+print(json.dumps(losses))
+"""
+
+
+def test_reconstruction_loss_falls_on_a_short_overfit(synthetic):
+    """nnU-Net's own trainer factory, dataloader and our train_step on one fixed batch: the loss must fall."""
+    proc = run([str(BIN / "python"), "-c", OVERFIT_SCRIPT], {**synthetic, **SHORT, "CSM_NUM_EPOCHS": "1"})
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("trainer", ["CSMPretrainer_SamePositionMask", "CSMPretrainer_SeriesMaskNoRecon",
+                                     "CSMPretrainer_Mask50", "MAEPretrainer"])
+def test_variants_run_through_nnunet(synthetic, trainer):
+    train(synthetic, 990, trainer, "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "1"})
+    folder = fold_dir(synthetic, "Dataset990_CSMSynth", trainer, "nnUNetCSMPlans")
+    ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == trainer
+    assert ckpt["csm_network"]["fused"] == (trainer == "MAEPretrainer")
+
+
+@pytest.fixture(scope="module")
+def real(nnunet_env) -> dict[str, str]:
+    if not REAL.is_dir():
+        pytest.fail(f"real test data missing at {REAL}; the shared/ folder must sit beside the checkout")
+    shutil.copytree(REAL, Path(nnunet_env["nnUNet_raw"]) / REAL.name)
+    plan(nnunet_env, 801)  # CSMPlanner
+    plan(nnunet_env, 801, planner=None, configurations=("2d", "3d_fullres"))  # nnU-Net's defaults, as users have
+    return nnunet_env
+
+
+def test_real_mri_with_csm_plans(real):
+    train(real, 801, "CSMPretrainer", "nnUNetCSMPlans")
+    folder = fold_dir(real, REAL.name, "CSMPretrainer", "nnUNetCSMPlans")
+    ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["csm_network"]["series_names"] == ["T1", "T1POST", "T2", "FLAIR"]
+
+
+def test_real_mri_with_existing_nnunet_plans_and_odd_patch(real):
+    """Drops into plans people already have; a patch that is no token multiple is rounded down and logged."""
+    plans_file = Path(real["nnUNet_preprocessed"]) / REAL.name / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["patch_size"] = [56, 72, 64]
+    plans["plans_name"] = "nnUNetPlansOdd"
+    (plans_file.parent / "nnUNetPlansOdd.json").write_text(json.dumps(plans))
+    train(real, 801, "CSMPretrainer", "nnUNetPlans")
+    train(real, 801, "CSMPretrainer", "nnUNetPlansOdd", {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "1"})
+    folder = fold_dir(real, REAL.name, "CSMPretrainer", "nnUNetPlansOdd")
+    assert "sampling [48, 64, 64] instead" in log_text(folder)
+    ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["csm_network"]["patch_size"] == [48, 64, 64]
+
+
+def test_patch_smaller_than_a_token_fails_cleanly(real):
+    plans_file = Path(real["nnUNet_preprocessed"]) / REAL.name / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["patch_size"] = [8, 64, 64]
+    plans["plans_name"] = "nnUNetPlansTiny"
+    (plans_file.parent / "nnUNetPlansTiny.json").write_text(json.dumps(plans))
+    proc = train(real, 801, "CSMPretrainer", "nnUNetPlansTiny", check=False)
+    assert proc.returncode != 0
+    assert "smaller than one token (16^3) on axis [0]" in proc.stderr and "CSMPlanner" in proc.stderr
+    assert not (Path(real["nnUNet_results"]) / REAL.name / "CSMPretrainer__nnUNetPlansTiny__3d_fullres").exists()
+
+
+def test_2d_configuration_is_refused(real):
+    proc = run(["nnUNetv2_train", "801", "2d", "all", "-tr", "CSMPretrainer", "-device", "cpu"],
+               {**real, **SHORT}, check=False)
+    assert proc.returncode != 0
+    assert "csm-nnunet's ViTs are 3D only (2D is not supported)" in proc.stderr
+    assert not (Path(real["nnUNet_results"]) / REAL.name / "CSMPretrainer__nnUNetPlans__2d").exists()
+
+
+def test_stale_preprocessing_with_other_channel_count_is_named(real):
+    """dataset.json edited after preprocessing: the data on disk has 4 channels, dataset.json now lists 3."""
+    pre = Path(real["nnUNet_preprocessed"])
+    stale = pre / "Dataset803_OpenMSStale"
+    shutil.copytree(pre / REAL.name, stale)
+    ds = json.loads((stale / "dataset.json").read_text())
+    ds["channel_names"] = {"0": "T1", "1": "T2", "2": "FLAIR"}
+    (stale / "dataset.json").write_text(json.dumps(ds))
+    plans = json.loads((stale / "nnUNetPlans.json").read_text())
+    plans["dataset_name"] = stale.name
+    (stale / "nnUNetPlans.json").write_text(json.dumps(plans))
+    proc = train(real, 803, "CSMPretrainer", "nnUNetPlans", check=False)
+    assert proc.returncode != 0
+    assert "has 4 channels but dataset.json channel_names lists 3" in proc.stderr, proc.stderr[-2000:]
+    assert not list((Path(real["nnUNet_results"]) / stale.name).rglob("checkpoint_*.pth"))
+
+
+def test_one_series_dataset_warns_and_trains(real):
+    raw = Path(real["nnUNet_raw"])
+    one = raw / "Dataset802_OpenMSOneSeries"
+    (one / "imagesTr").mkdir(parents=True)
+    shutil.copytree(REAL / "labelsTr", one / "labelsTr")
+    for f in (REAL / "imagesTr").glob("*_0003.nii.gz"):  # FLAIR only
+        shutil.copy(f, one / "imagesTr" / f.name.replace("_0003", "_0000"))
+    ds = json.loads((REAL / "dataset.json").read_text())
+    ds["channel_names"] = {"0": "FLAIR"}
+    (one / "dataset.json").write_text(json.dumps(ds))
+    plan(real, 802)
+    train(real, 802, "CSMPretrainer", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "1"})
+    folder = fold_dir(real, one.name, "CSMPretrainer", "nnUNetCSMPlans")
+    assert "single series ['FLAIR']" in log_text(folder) and "intra-series masking" in log_text(folder)
+    assert (folder / "checkpoint_final.pth").is_file()
