@@ -71,7 +71,9 @@ def log_text(folder: Path) -> str:
 def synthetic(nnunet_env) -> dict[str, str]:
     out = Path(nnunet_env["nnUNet_raw"]) / "Dataset990_CSMSynth"
     run(["csm_nnunet", "make-dataset", "--kind", "brain", "--cases", "4", "--out", str(out), "--shape", "48", "48",
-         "48", "--seed", "0"], nnunet_env)
+         "48", "--seed", "0", "--missing-prob", "0.25"], nnunet_env)
+    missing = json.loads((out / "dataset.json").read_text()).get("missing_series", {})
+    assert any(missing.values()), "the synthetic set must exercise missing series"
     plan(nnunet_env, 990)
     return nnunet_env
 
@@ -119,6 +121,10 @@ trainer = get_trainer_from_args("990", "3d_fullres", "all", "CSMPretrainer", "nn
                                 device=torch.device("cpu"))
 trainer.on_train_start()
 batch = next(trainer.dataloader_train)
+missing = trainer.dataset_json["missing_series"]
+present = trainer._present(batch["keys"])
+expected = [[name not in missing.get(str(k), []) for name in trainer.series_names] for k in batch["keys"]]
+assert present.tolist() == expected, (present, expected)
 losses = []
 for _ in range(25):
     trainer._mask_generator.manual_seed(0)  # the same batch and the same masks every step: an overfit
@@ -136,7 +142,8 @@ def test_reconstruction_loss_falls_on_a_short_overfit(synthetic):
 
 
 @pytest.mark.parametrize("trainer", ["CSMPretrainer_SamePositionMask", "CSMPretrainer_SeriesMaskNoRecon",
-                                     "CSMPretrainer_Mask50", "MAEPretrainer"])
+                                     "CSMPretrainer_Mask50", "CSMPretrainer_NormPix",
+                                     "MAEPretrainer"])
 def test_variants_run_through_nnunet(synthetic, trainer):
     train(synthetic, 990, trainer, "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "1"})
     folder = fold_dir(synthetic, "Dataset990_CSMSynth", trainer, "nnUNetCSMPlans")

@@ -35,3 +35,9 @@ class MAEPretrainer(CSMPretrainer):
 
     fused_tokens = True
     series_masking = "off"
+
+
+class CSMPretrainer_NormPix(CSMPretrainer):
+    """Per-patch normalised reconstruction targets (MAE practice; not a paper row, an option to measure)."""
+
+    norm_pix_loss = True
