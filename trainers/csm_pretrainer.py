@@ -56,6 +56,17 @@ def fit_patch_to_tokens(patch_size: list[int] | tuple[int, ...], token_size: int
     return tuple(p // token_size * token_size for p in patch_size)
 
 
+def _to_cpu(obj):
+    """Copy of a (nested) checkpoint with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 class CSMPretrainer(nnUNetTrainer):
     """Pretrain the series-tokenized ViT by cross-series masking. Switches (class attributes):
 
@@ -274,7 +285,10 @@ class CSMPretrainer(nnUNetTrainer):
     # ---------------------------------------------------------------- checkpoints and the end of training
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint dict plus ``csm_network`` (the network config needed to adapt/export the encoder),
-        written to a temporary file and renamed, so a crash never leaves a half-written checkpoint."""
+        written to a temporary file and renamed, so a crash never leaves a half-written checkpoint. All tensors are
+        stored on the CPU: nnU-Net's ``load_pretrained_weights`` calls ``torch.load`` without ``map_location``, so a
+        checkpoint holding CUDA tensors could not be used on a CPU-only machine (resuming still works: the
+        optimizer and the network move loaded state to their device)."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -296,7 +310,7 @@ class CSMPretrainer(nnUNetTrainer):
                             "same_position": self.same_position},
         }
         tmp = filename + ".tmp"
-        torch.save(checkpoint, tmp)
+        torch.save(_to_cpu(checkpoint), tmp)
         os.replace(tmp, filename)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
