@@ -28,43 +28,7 @@ from csm_nnunet.masking import CrossSeriesMasker, SeriesMask
 from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
 from csm_nnunet.optim import WarmupCosineLR
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
-
-
-def channel_names_of(dataset_json: dict) -> list[str]:
-    """Series names in channel order from dataset.json (``channel_names``, or the older ``modality``)."""
-    names = dataset_json.get("channel_names", dataset_json.get("modality"))
-    if not names:
-        raise ValueError("dataset.json has no 'channel_names': csm-nnunet keys its series embedding by them; add "
-                         "e.g. \"channel_names\": {\"0\": \"T1\", \"1\": \"T2\"}")
-    return [str(names[k]) for k in sorted(names, key=int)]
-
-
-def fit_patch_to_tokens(patch_size: list[int] | tuple[int, ...], token_size: int,
-                        configuration: str = "3d_fullres") -> tuple[int, ...]:
-    """Largest multiple of ``token_size`` not above each patch axis (nnU-Net's loader then samples that size).
-
-    Rounding down keeps the cost bounded and never pads with empty tokens; an axis below one token is an error.
-    """
-    if len(patch_size) != 3:
-        raise ValueError(f"configuration {configuration!r} has patch size {list(patch_size)}: csm-nnunet's ViTs are "
-                         f"3D only (2D is not supported). Train the 3d_fullres configuration.")
-    small = [i for i, p in enumerate(patch_size) if p < token_size]
-    if small:
-        raise ValueError(f"patch size {list(patch_size)} of configuration {configuration!r} is smaller than one "
-                         f"token ({token_size}^3) on axis {small}. Plan with `-pl CSMPlanner`, or use a preset with "
-                         f"smaller tokens (CSM_PRESET=PrimusS uses 8^3).")
-    return tuple(p // token_size * token_size for p in patch_size)
-
-
-def _to_cpu(obj):
-    """Copy of a (nested) checkpoint with every tensor moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_checkpoint_atomically
 
 
 class CSMPretrainer(nnUNetTrainer):
@@ -285,10 +249,7 @@ class CSMPretrainer(nnUNetTrainer):
     # ---------------------------------------------------------------- checkpoints and the end of training
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint dict plus ``csm_network`` (the network config needed to adapt/export the encoder),
-        written to a temporary file and renamed, so a crash never leaves a half-written checkpoint. All tensors are
-        stored on the CPU: nnU-Net's ``load_pretrained_weights`` calls ``torch.load`` without ``map_location``, so a
-        checkpoint holding CUDA tensors could not be used on a CPU-only machine (resuming still works: the
-        optimizer and the network move loaded state to their device)."""
+        written atomically with CPU tensors (see :func:`save_checkpoint_atomically`)."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -309,9 +270,7 @@ class CSMPretrainer(nnUNetTrainer):
             "csm_masking": {"mask_ratio": self.mask_ratio, "series_masking": self.series_masking,
                             "same_position": self.same_position},
         }
-        tmp = filename + ".tmp"
-        torch.save(_to_cpu(checkpoint), tmp)
-        os.replace(tmp, filename)
+        save_checkpoint_atomically(checkpoint, filename)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Pretraining has no segmentation to export; the encoder is judged by fine-tuning."""

@@ -1,0 +1,61 @@
+"""Helpers shared by every csm-nnunet trainer (the glue between nnU-Net's trainer and the method)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+
+def channel_names_of(dataset_json: dict) -> list[str]:
+    """Series names in channel order from dataset.json (``channel_names``, or the older ``modality``)."""
+    names = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not names:
+        raise ValueError("dataset.json has no 'channel_names': csm-nnunet keys its series embedding by them; add "
+                         "e.g. \"channel_names\": {\"0\": \"T1\", \"1\": \"T2\"}")
+    return [str(names[k]) for k in sorted(names, key=int)]
+
+
+def fit_patch_to_tokens(patch_size: Sequence[int], token_size: int,
+                        configuration: str = "3d_fullres") -> tuple[int, ...]:
+    """Largest multiple of ``token_size`` not above each patch axis (nnU-Net's loader then samples that size).
+
+    Rounding down keeps the cost bounded and never pads with empty tokens; an axis below one token is an error.
+    """
+    if len(patch_size) != 3:
+        raise ValueError(f"configuration {configuration!r} has patch size {list(patch_size)}: csm-nnunet's ViTs are "
+                         f"3D only (2D is not supported). Train the 3d_fullres configuration.")
+    small = [i for i, p in enumerate(patch_size) if p < token_size]
+    if small:
+        raise ValueError(f"patch size {list(patch_size)} of configuration {configuration!r} is smaller than one "
+                         f"token ({token_size}^3) on axis {small}. Plan with `-pl CSMPlanner`, or use a preset with "
+                         f"smaller tokens (CSM_PRESET=PrimusS uses 8^3).")
+    return tuple(p // token_size * token_size for p in patch_size)
+
+
+def to_cpu(obj):
+    """Copy of a (nested) checkpoint with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint_atomically(checkpoint: dict, filename: str) -> None:
+    """Write ``checkpoint`` with all tensors on the CPU to a temporary file, then rename it over ``filename``.
+
+    CPU tensors: nnU-Net's ``load_pretrained_weights`` calls ``torch.load`` without ``map_location``, so a checkpoint
+    holding CUDA tensors could not be used on a CPU-only machine (resuming still works: the optimizer and the network
+    move loaded state to their device). Rename: a crash never leaves a half-written checkpoint.
+    """
+    tmp = filename + ".tmp"
+    try:
+        torch.save(to_cpu(checkpoint), tmp)
+        os.replace(tmp, filename)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
