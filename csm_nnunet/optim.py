@@ -35,6 +35,6 @@ class WarmupCosineLR(LRScheduler):
             current_step = self.ctr
             self.ctr += 1
         lr = self.lr_at(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:  # "lr_scale": layer-wise learning-rate decay
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]

@@ -10,6 +10,7 @@ from csm_nnunet.trainers.csm_pretrainer_ablations import (
     CSMPretrainer_SeriesMaskNoRecon,
     MAEPretrainer,
 )
+from csm_nnunet.trainers.csm_seg_trainer import CSMSegTrainer
 
 __all__ = [
     "CSMPretrainer",
@@ -18,5 +19,6 @@ __all__ = [
     "CSMPretrainer_NormPix",
     "CSMPretrainer_SamePositionMask",
     "CSMPretrainer_SeriesMaskNoRecon",
+    "CSMSegTrainer",
     "MAEPretrainer",
 ]

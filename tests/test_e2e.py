@@ -237,3 +237,74 @@ def test_one_series_dataset_warns_and_trains(real):
     folder = fold_dir(real, one.name, "CSMPretrainer", "nnUNetCSMPlans")
     assert "single series ['FLAIR']" in log_text(folder) and "intra-series masking" in log_text(folder)
     assert (folder / "checkpoint_final.pth").is_file()
+
+
+# ------------------------------------------------------------------ segmentation fine-tuning (CSMSegTrainer)
+SEG = {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "2", "CSM_VAL_ITERS": "1"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic) -> Path:
+    train(synthetic, 990, "CSMPretrainer_Mask50", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1"})
+    return fold_dir(synthetic, "Dataset990_CSMSynth", "CSMPretrainer_Mask50", "nnUNetCSMPlans") / "checkpoint_final.pth"
+
+
+def test_finetune_predict_evaluate_with_missing_series(synthetic, pretrained, tmp_path):
+    env = synthetic
+    train(env, 990, "CSMSegTrainer", "nnUNetCSMPlans", SEG, ("-pretrained_weights", str(pretrained)))
+    folder = fold_dir(env, "Dataset990_CSMSynth", "CSMSegTrainer", "nnUNetCSMPlans")
+    text = log_text(folder)
+    assert "pretrained encoder adaptation" in text and "T1ce <- pretrained #1" in text, text[-3000:]
+    assert (folder / "checkpoint_final.pth").is_file()
+    assert (folder / "validation" / "summary.json").is_file(), "nnU-Net's final validation must run"
+
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_CSMSynth"
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    case = "brain_002"
+    for f in (raw / "imagesTr").glob(f"{case}_*.nii.gz"):
+        shutil.copy(f, inp / f.name)
+    # the same case again with T1ce (channel 1) missing: stored as an all-zero image, as documented
+    import SimpleITK as sitk
+
+    for f in (raw / "imagesTr").glob(f"{case}_*.nii.gz"):
+        img = sitk.ReadImage(str(f))
+        if f.name.endswith("_0001.nii.gz"):
+            img = img * 0
+        sitk.WriteImage(img, str(inp / f.name.replace(case, "missing_t1ce")))
+    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "all", "-tr",
+         "CSMSegTrainer", "-p", "nnUNetCSMPlans", "-device", "cpu", "-npp", "1", "-nps", "1"], {**env, **SEG})
+    ref = sitk.ReadImage(str(raw / "labelsTr" / f"{case}.nii.gz"))
+    for name in (case, "missing_t1ce"):
+        pred = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    shutil.copy(raw / "labelsTr" / f"{case}.nii.gz", gt / f"{case}.nii.gz")
+    shutil.copy(raw / "labelsTr" / f"{case}.nii.gz", gt / "missing_t1ce.nii.gz")
+    run(["nnUNetv2_evaluate_folder", str(gt), str(out), "-djfile", str(raw / "dataset.json"), "-pfile",
+         str(folder.parent / "plans.json")], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2", "3"}
+
+
+def test_finetune_on_a_different_series_set(synthetic, pretrained):
+    """Pretrained on {T1, T1ce, T2, FLAIR}; fine-tuned on {T1ce, FLAIR}: matched by name, the log says so."""
+    env = synthetic
+    src = Path(env["nnUNet_raw"]) / "Dataset990_CSMSynth"
+    dst = Path(env["nnUNet_raw"]) / "Dataset992_CSMSynthTwo"
+    (dst / "imagesTr").mkdir(parents=True)
+    shutil.copytree(src / "labelsTr", dst / "labelsTr")
+    for f in (src / "imagesTr").glob("*.nii.gz"):
+        channel = f.name[-11:-7]
+        if channel in ("0001", "0003"):
+            shutil.copy(f, dst / "imagesTr" / f.name.replace(f"_{channel}", "_0000" if channel == "0001" else "_0001"))
+    ds = json.loads((src / "dataset.json").read_text())
+    ds["channel_names"] = {"0": "T1ce", "1": "FLAIR"}
+    ds.pop("missing_series", None)
+    (dst / "dataset.json").write_text(json.dumps(ds))
+    plan(env, 992)
+    train(env, 992, "CSMSegTrainer", "nnUNetCSMPlans", SEG, ("-pretrained_weights", str(pretrained)))
+    text = log_text(fold_dir(env, dst.name, "CSMSegTrainer", "nnUNetCSMPlans"))
+    assert "T1ce <- pretrained #1, FLAIR <- pretrained #3" in text, text[-3000:]
+    assert "pretrained series not used: T1, T2" in text

@@ -1,0 +1,141 @@
+"""Shapes, missing-series semantics and learnability of the segmentation fine-tuning network."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csm_nnunet.network import CSMMaskedAutoencoder
+from csm_nnunet.segmentation import CSMSegmentationNetwork, is_encoder_key
+
+SERIES = ["T1", "T1ce", "T2", "FLAIR"]
+PATCH = (32, 48, 32)
+
+
+def make(num_series: int = 4, patch=PATCH, preset: str = "tiny", **kw) -> CSMSegmentationNetwork:
+    torch.manual_seed(0)
+    kw.setdefault("base_channels", 8)  # keep the full-resolution convolutions cheap on a 2-core CPU
+    return CSMSegmentationNetwork(num_series, 3, patch, preset, **kw)
+
+
+def test_output_shapes_with_and_without_deep_supervision():
+    net = make()
+    assert net.tap_depths == (1, 2, 3, 4) and net.num_levels == 4
+    x = torch.randn(2, 4, *PATCH)
+    with torch.no_grad():
+        assert net(x).shape == (2, 3, *PATCH)
+        net.decoder.deep_supervision = True  # what nnU-Net's set_deep_supervision_enabled toggles
+        outs = net(x)
+    assert isinstance(outs, list) and len(outs) == 4
+    for out, scale in zip(outs, net.deep_supervision_scales()):
+        assert out.shape == (2, 3, *(int(p * s) for p, s in zip(PATCH, scale)))
+    assert [o.shape[2] for o in outs] == [32, 16, 8, 4]  # highest resolution first
+
+
+def test_primus_token8_has_one_fewer_stage():
+    net = make(num_series=2, patch=(32, 32, 32), preset="PrimusS", deep_supervision=True)
+    assert net.num_levels == 3 and net.tap_depths == (4, 8, 12)
+    with torch.no_grad():
+        outs = net(torch.randn(1, 2, 32, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [(1, 3, 32, 32, 32), (1, 3, 16, 16, 16), (1, 3, 8, 8, 8)]
+
+
+def test_encoder_keys_and_shapes_equal_the_pretraining_encoder():
+    net = make(patch=(32, 32, 32))
+    mae = CSMMaskedAutoencoder(SERIES, (32, 32, 32), "tiny")
+    ours = {k: v.shape for k, v in net.state_dict().items() if is_encoder_key(k)}
+    theirs = {k: v.shape for k, v in mae.state_dict().items() if is_encoder_key(k)}
+    assert ours == theirs and sorted(net.encoder_state_keys()) == sorted(ours)
+    assert not any(is_encoder_key(k) for k in net.state_dict() if k.startswith(("fusions.", "decoder.")))
+
+
+@pytest.mark.parametrize("fusion", ["attention", "concat"])
+def test_absent_series_do_not_influence_the_output(fusion):
+    net = make(fusion=fusion).eval()
+    x = torch.randn(1, 4, *PATCH)
+    present = torch.tensor([[True, True, False, True]])
+    x2 = x.clone()
+    x2[:, 2] = torch.randn(*PATCH) * 1000.0
+    x2[:, 2, :4] = float("nan")  # even non-finite garbage in a missing acquisition must not leak
+    with torch.no_grad():
+        a, b = net(x, present), net(x2, present)
+        c = net(x)  # the same series present changes the output
+    assert torch.isfinite(b).all()
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_encoder_drops_absent_tokens():
+    net = make()
+    seen = []
+    hook = net.eva.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        net(torch.randn(2, 4, *PATCH), torch.tensor([[True, False, False, True], [False, False, True, False]]))
+    hook.remove()
+    assert seen[0] == (2, 2 * net.num_patches, 96)  # the longest case: 2 series x 12 patches, no zero tokens
+
+
+def test_case_output_does_not_depend_on_batch_padding():
+    net = make().eval()
+    x = torch.randn(2, 4, *PATCH)
+    present = torch.tensor([[True, True, True, True], [False, True, False, False]])
+    with torch.no_grad():
+        both = net(x, present)
+        first = net(x[:1], present[:1])
+        second = net(x[1:], present[1:])
+    assert torch.allclose(both[0], first[0], atol=1e-4)
+    assert torch.allclose(both[1], second[0], atol=1e-4)
+
+
+def test_overfits_a_synthetic_blob_segmentation():
+    """Cross-entropy must fall on a fixed 2-class blob task (gradients reach encoder, fusion and decoder).
+    8^3 tokens on a 24^3 patch keep the full-resolution convolutions cheap."""
+    torch.manual_seed(0)
+    net = CSMSegmentationNetwork(2, 2, (24, 24, 24), "tiny", token_size=8, base_channels=8)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij"))
+    label = (((grid - torch.tensor([9.0, 13.0, 11.0])[:, None, None, None]) ** 2).sum(0) < 25).long()[None]
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([label[0] * 2.0 + 0.5 * torch.randn(24, 24, 24, generator=g),
+                     torch.randn(24, 24, 24, generator=g)])[None]
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), label)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert net.patch_embed_weight.grad is not None and net.fusions[0].proj.weight.grad is not None
+
+
+def test_bad_inputs_are_named():
+    net = make()
+    with pytest.raises(ValueError, match="S=4"):
+        net(torch.randn(1, 3, *PATCH))
+    with pytest.raises(ValueError, match="patch size"):
+        net(torch.randn(1, 4, 32, 32, 32))
+    with pytest.raises(ValueError, match="present must have shape"):
+        net(torch.randn(1, 4, *PATCH), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"case\(s\) \[1\] .* no present series"):
+        net(torch.randn(2, 4, *PATCH), torch.tensor([[True] * 4, [False] * 4]))
+    with pytest.raises(ValueError, match="power of two"):
+        CSMSegmentationNetwork(4, 3, (36, 36, 36), "tiny", token_size=12)
+    with pytest.raises(ValueError, match="multiple of the token size"):
+        CSMSegmentationNetwork(4, 3, (40, 48, 32), "tiny")
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        CSMSegmentationNetwork(4, 3, PATCH, "tiny", fusion="mean")
+    with pytest.raises(ValueError, match="series_names has 3 entries"):
+        CSMSegmentationNetwork(4, 3, PATCH, "tiny", series_names=SERIES[:3])
+    with pytest.raises(ValueError, match="unknown ViT preset"):
+        CSMSegmentationNetwork(4, 3, PATCH, "huge")
+
+
+def test_presence_is_inferred_from_all_zero_series():
+    """nnU-Net's predictor passes only windows: a series that is zero everywhere while another is not is absent."""
+    from csm_nnunet.segmentation import infer_present
+
+    x = torch.randn(3, 4, 8, 8, 8)
+    x[0, 2] = 0  # missing series
+    x[1] = 0  # background window: nothing to tell apart, keep all
+    x[2, 1, :4] = 0  # partly zero is still present
+    assert infer_present(x).tolist() == [[True, True, False, True], [True] * 4, [True] * 4]

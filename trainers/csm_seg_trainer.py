@@ -1,0 +1,185 @@
+"""``CSMSegTrainer``: segmentation fine-tuning of the series-tokenized ViT inside nnU-Net (paper III.C).
+
+nnU-Net does the rest: Dice + CE loss with deep supervision, dataloaders and augmentation, sliding-window inference
+with ``nnUNetv2_predict`` (through the static :meth:`CSMSegTrainer.build_network_architecture`), the final
+validation export, ``nnUNetv2_evaluate_folder`` and ``nnUNetv2_find_best_configuration``. Without
+``-pretrained_weights`` the same trainer is the from-scratch baseline (identical architecture).
+
+``-pretrained_weights`` goes through :func:`csm_nnunet.adapt.load_pretrained_checkpoint` (encoder copied, positions
+resampled, series matched by channel name, decoder fresh; the log lists what was loaded), because nnU-Net's own loader
+demands every key of the new network in the checkpoint. See :func:`_route_pretrained_weights`.
+"""
+
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from csm_nnunet.network import get_preset
+from csm_nnunet.optim import WarmupCosineLR
+from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
+from csm_nnunet.segmentation import CSMSegmentationNetwork
+from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_checkpoint_atomically
+
+# Written into the plans.json copy in the results folder so the static network builder (used by nnUNetv2_predict,
+# which knows only plans and configuration) rebuilds exactly the trained network.
+PLANS_KEY = "csm_network"
+
+
+class CSMSegTrainer(nnUNetTrainer):
+    """Series-tokenized ViT encoder + series fusion + UNETR-style decoder with a full-resolution conv branch.
+
+    Class attributes: ``preset`` (CSM_PRESET), ``fusion`` ("attention" | "concat"), ``series_dropout`` (probability
+    per training case of dropping 1..s-1 random series, so missing series at inference are expected), ``layer_decay``
+    (layer-wise lr decay factor, None = off), ``warmup_fraction``.
+    """
+
+    preset: str = "B16"
+    fusion: str = "attention"
+    series_dropout: float = 0.2
+    layer_decay: float | None = None
+    warmup_fraction: float = 0.05
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        preset = read_env_overrides().get("preset", self.preset)
+        self.series_names = channel_names_of(dataset_json)
+        token = get_preset(preset).token_size
+        planned = list(PlansManager(plans).get_configuration(configuration).patch_size)
+        fitted = fit_patch_to_tokens(planned, token, configuration)
+        # the results folder's plans.json must describe the trained network (patch grid, preset) for inference
+        plans["configurations"][configuration]["patch_size"] = list(fitted)
+        plans["configurations"][configuration][PLANS_KEY] = {"preset": preset, "fusion": self.fusion,
+                                                             "series_names": self.series_names}
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 5e-3  # paper IV.A fine-tuning
+        self.weight_decay = 0.01
+        apply_env_overrides(self, self.print_to_log_file)
+        if list(fitted) != planned:
+            self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size {token}; "
+                                   f"using {list(fitted)} (rounded down per axis) for training and inference.")
+        self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} fusion={self.fusion} "
+                               f"series={self.series_names} series_dropout={self.series_dropout}")
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """Static, as nnU-Net's predictor needs: everything comes from the configuration (``csm_network`` key)."""
+        cfg = configuration_manager.configuration.get(PLANS_KEY, {})
+        return CSMSegmentationNetwork(num_input_channels, num_output_channels, configuration_manager.patch_size,
+                                      preset=cfg.get("preset", read_env_overrides().get("preset", "B16")),
+                                      fusion=cfg.get("fusion", "attention"),
+                                      deep_supervision=enable_deep_supervision,
+                                      series_names=cfg.get("series_names"))
+
+    def _get_deep_supervision_scales(self):
+        """Our decoder's output resolutions (full, 1/2, 1/4, ...), not the U-Net pooling of the plans. nnU-Net calls
+        this after building the network (loss) and when building the dataloaders (target downsampling)."""
+        return self._unwrapped().deep_supervision_scales() if self.enable_deep_supervision else None
+
+    def _unwrapped(self) -> CSMSegmentationNetwork:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self._unwrapped().deep_supervision = enabled
+
+    def configure_optimizers(self):
+        """AdamW (paper IV.A: lr 5e-3, weight decay 0.01) with warm-up and cosine decay. No weight decay on norms,
+        biases, embeddings and tokens. Optional layer-wise lr decay (MAE fine-tuning practice): block i of a depth-L
+        encoder gets ``layer_decay ** (L - i)``, the patch/series/position embeddings ``layer_decay ** (L + 1)``, the
+        fusion and decoder 1."""
+        net = self._unwrapped()
+        depth = len(net.eva.blocks)
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, p in net.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = 0.0 if p.ndim < 2 or "embed" in name.split(".")[-1] or "token" in name else self.weight_decay
+            scale = 1.0
+            if self.layer_decay is not None:
+                if name.startswith("eva.blocks."):
+                    scale = self.layer_decay ** (depth - int(name.split(".")[2]))
+                elif name.startswith(("patch_embed", "series_embed", "eva.pos_embed")):
+                    scale = self.layer_decay ** (depth + 1)
+            groups.setdefault((wd, scale), []).append(p)
+        optimizer = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_scale": scale}
+                                       for (wd, scale), ps in groups.items()], lr=self.initial_lr)
+        warmup = int(round(self.warmup_fraction * self.num_epochs))
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
+
+    def train_step(self, batch: dict) -> dict:
+        """Random series dropout: zero 1..s-1 series of some cases. The network treats an all-zero series as absent
+        and drops its tokens, exactly as it does for a missing series at inference."""
+        data = batch["data"]
+        if self.series_dropout > 0 and data.shape[1] > 1:
+            data = data.clone()
+            for b in range(data.shape[0]):
+                if torch.rand(()) < self.series_dropout:
+                    k = int(torch.randint(1, data.shape[1], ()))
+                    data[b, torch.randperm(data.shape[1])[:k]] = 0
+            batch = {**batch, "data": data}
+        return super().train_step(batch)
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self._unwrapped().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        save_checkpoint_atomically(checkpoint, filename)
+
+    def initialize(self):
+        super().initialize()
+        # -pretrained_weights reaches the network, not the trainer (see _route_pretrained_weights): give the network
+        # the dataset's series names and the trainer's log so the adaptation report lands in the training log
+        net = self._unwrapped()
+        net.series_names = list(self.series_names)
+        net.csm_log = self.print_to_log_file
+
+
+def _route_pretrained_weights() -> None:
+    """Make ``nnUNetv2_train -pretrained_weights`` adapt checkpoints for our trainers.
+
+    nnU-Net 2.8 loads pretrained weights with a module-level function in ``nnunetv2.run.run_training`` that requires
+    every key of the new network in the file (so an encoder-only checkpoint into a network with a new decoder is
+    rejected) and offers no trainer hook. We wrap that one name: networks of csm-nnunet go through our explicit
+    adaptation; every other network keeps nnU-Net's behaviour unchanged.
+    """
+    try:
+        import nnunetv2.run.run_training as run_training
+    except Exception:  # nnU-Net missing or broken: nothing to route
+        return
+    original = run_training.load_pretrained_weights
+    if getattr(original, "_csm_routed", False):
+        return
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        mod = network.module if hasattr(network, "module") else network
+        mod = mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        if isinstance(mod, CSMSegmentationNetwork):
+            from csm_nnunet.adapt import load_pretrained_checkpoint
+
+            return load_pretrained_checkpoint(fname, mod, mod.series_names or [], log=getattr(mod, "csm_log", print))
+        return original(network, fname, verbose=verbose)
+
+    load_pretrained_weights._csm_routed = True
+    run_training.load_pretrained_weights = load_pretrained_weights
+
+
+_route_pretrained_weights()
