@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-unlabeled": ("csm_nnunet.unlabeled",
                           "make a raw dataset without labelsTr plannable by nnU-Net (body-mask labels)"),
     "make-dataset": ("csm_nnunet.synthetic", "write a synthetic multi-series MRI-like dataset in nnU-Net raw format"),
+    "export-primus": ("csm_nnunet.export", "turn a Primus-preset CSM encoder into -pretrained_weights for nnU-Net's "
+                                           "own nnUNet_Primus_*_Trainer"),
 }
 
 

@@ -308,3 +308,25 @@ def test_finetune_on_a_different_series_set(synthetic, pretrained):
     text = log_text(fold_dir(env, dst.name, "CSMSegTrainer", "nnUNetCSMPlans"))
     assert "T1ce <- pretrained #1, FLAIR <- pretrained #3" in text, text[-3000:]
     assert "pretrained series not used: T1, T2" in text
+
+
+def test_export_primus_for_nnunets_own_primus_trainer(synthetic, tmp_path):
+    env = synthetic
+    train(env, 990, "CSMPretrainer_NoSeriesMask", "nnUNetCSMPlans", {"CSM_PRESET": "PrimusS", "CSM_NUM_EPOCHS": "1",
+                                                                      "CSM_ITERS_PER_EPOCH": "1"})
+    model = fold_dir(env, "Dataset990_CSMSynth", "CSMPretrainer_NoSeriesMask", "nnUNetCSMPlans").parent
+    out = tmp_path / "primus_s.pth"
+    proc = run(["csm_nnunet", "export-primus", str(model), "--trainer", "nnUNet_Primus_S_Trainer", "-d", "990",
+                "-p", "nnUNetCSMPlans", "-o", str(out)], env)
+    assert "T1ce <- T1ce" in proc.stdout and out.is_file()
+    # nnU-Net's own loader, on the network nnU-Net's own Primus trainer builds for these plans
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_S_Trainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(str(Path(env["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" / "nnUNetCSMPlans.json"))
+    net = nnUNet_Primus_S_Trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 4, 4, False)
+    load_pretrained_weights(net, str(out))
+    src = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert torch.equal(net.state_dict()["eva.blocks.11.mlp.fc2.weight"],
+                       src["network_weights"]["eva.blocks.11.mlp.fc2.weight"])
