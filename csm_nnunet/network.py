@@ -47,12 +47,13 @@ class ViTPreset:
     decoder_depth: int
     decoder_heads: int
     primus_blocks: bool = False
+    seg_channels: int = 32  # full-resolution width of the segmentation decoder (doubles per coarser level)
 
 
 PRESETS: dict[str, ViTPreset] = {
     # CPU tests and demos.
-    "tiny": ViTPreset("tiny", 16, 96, 4, 4, 64, 2, 4),
-    "small": ViTPreset("small", 16, 384, 8, 6, 256, 2, 8),
+    "tiny": ViTPreset("tiny", 16, 96, 4, 4, 64, 2, 4, seg_channels=8),
+    "small": ViTPreset("small", 16, 384, 8, 6, 256, 2, 8, seg_channels=16),
     # ViT-B/16 as in the paper (IV.A), with a light 384-wide, 4-deep decoder.
     "B16": ViTPreset("B16", 16, 768, 12, 12, 384, 4, 12),
     # nnU-Net's Primus S/B/M/L (dynamic_network_architectures.architectures.primus): width/depth/heads, 8^3 tokens.

@@ -209,12 +209,13 @@ class CSMSegmentationNetwork(nn.Module):
         fusion: ``"attention"`` (:class:`AttentionSeriesFusion`) or ``"concat"`` (:class:`ConcatSeriesFusion`).
         deep_supervision: return logits of every decoder level (highest resolution first), nnU-Net style.
         series_names: optional channel names (documentation for adaptation; checked to be unique, length ``S``).
-        base_channels: decoder width at full resolution (doubled per coarser level, capped at 320).
+        base_channels: decoder width at full resolution (doubled per coarser level, capped at 320); default: the
+            preset's ``seg_channels`` (32, nnU-Net's; 8 for ``tiny`` so CPU tests and demos stay fast).
     """
 
     def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
                  token_size: int | None = None, fusion: str = "attention", deep_supervision: bool = False,
-                 series_names: Sequence[str] | None = None, base_channels: int = 32):
+                 series_names: Sequence[str] | None = None, base_channels: int | None = None):
         super().__init__()
         self.preset = get_preset(preset)
         self.num_series = int(num_series)
@@ -270,7 +271,8 @@ class CSMSegmentationNetwork(nn.Module):
         else:
             self.fusions = nn.ModuleList(ConcatSeriesFusion(S, D, D) for _ in self.tap_depths)
         # the image branch sees the (absent-zeroed) series plus one presence indicator channel per series
-        self.decoder = UNETRDecoder(D, 2 * S, self.num_classes, self.num_levels, base_channels, deep_supervision)
+        self.decoder = UNETRDecoder(D, 2 * S, self.num_classes, self.num_levels,
+                                    base_channels or self.preset.seg_channels, deep_supervision)
 
     # ---------------------------------------------------------------- helpers
     @property

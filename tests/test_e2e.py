@@ -243,6 +243,12 @@ def test_one_series_dataset_warns_and_trains(real):
 SEG = {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "2", "CSM_VAL_ITERS": "1"}
 
 
+def predict(env: dict[str, str], dataset_id: int, inp: Path, out: Path) -> None:
+    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-f", "all",
+         "-tr", "CSMSegTrainer", "-p", "nnUNetCSMPlans", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+        {**env, **SEG})
+
+
 @pytest.fixture(scope="module")
 def pretrained(synthetic) -> Path:
     train(synthetic, 990, "CSMPretrainer_Mask50", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1"})
@@ -272,8 +278,7 @@ def test_finetune_predict_evaluate_with_missing_series(synthetic, pretrained, tm
         if f.name.endswith("_0001.nii.gz"):
             img = img * 0
         sitk.WriteImage(img, str(inp / f.name.replace(case, "missing_t1ce")))
-    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "all", "-tr",
-         "CSMSegTrainer", "-p", "nnUNetCSMPlans", "-device", "cpu", "-npp", "1", "-nps", "1"], {**env, **SEG})
+    predict(env, 990, inp, out)
     ref = sitk.ReadImage(str(raw / "labelsTr" / f"{case}.nii.gz"))
     for name in (case, "missing_t1ce"):
         pred = sitk.ReadImage(str(out / f"{name}.nii.gz"))
@@ -330,3 +335,25 @@ def test_export_primus_for_nnunets_own_primus_trainer(synthetic, tmp_path):
     src = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert torch.equal(net.state_dict()["eva.blocks.11.mlp.fc2.weight"],
                        src["network_weights"]["eva.blocks.11.mlp.fc2.weight"])
+
+
+def test_real_mri_pretrain_finetune_predict_evaluate(real, tmp_path):
+    """Dataset801 (real MS MRI, 4 series): pretrain, fine-tune from it, predict a case, evaluate with nnU-Net."""
+    env = real
+    train(env, 801, "CSMPretrainer_SamePositionMask", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1"})
+    ckpt = fold_dir(env, REAL.name, "CSMPretrainer_SamePositionMask", "nnUNetCSMPlans") / "checkpoint_final.pth"
+    train(env, 801, "CSMSegTrainer", "nnUNetCSMPlans", SEG, ("-pretrained_weights", str(ckpt)))
+    folder = fold_dir(env, REAL.name, "CSMSegTrainer", "nnUNetCSMPlans")
+    assert "T1POST <- pretrained #1" in log_text(folder)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for f in (REAL / "imagesTr").glob("ms_07_*.nii.gz"):
+        shutil.copy(f, inp / f.name)
+    predict(env, 801, inp, out)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    shutil.copy(REAL / "labelsTr" / "ms_07.nii.gz", gt / "ms_07.nii.gz")
+    run(["nnUNetv2_evaluate_folder", str(gt), str(out), "-djfile", str(REAL / "dataset.json"), "-pfile",
+         str(folder.parent / "plans.json")], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "1" in summary["mean"] and 0.0 <= summary["mean"]["1"]["Dice"] <= 1.0
