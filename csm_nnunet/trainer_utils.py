@@ -59,3 +59,27 @@ def save_checkpoint_atomically(checkpoint: dict, filename: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_trainer_checkpoint(trainer, network: torch.nn.Module, filename: str, **extra) -> None:
+    """nnU-Net's own checkpoint dict for ``trainer`` (same keys, so ``--c``, ``nnUNetv2_predict`` and
+    ``load_checkpoint`` work unchanged) plus ``extra`` keys, written by :func:`save_checkpoint_atomically`.
+    ``network`` is the unwrapped module (no DDP / torch.compile prefixes in the keys)."""
+    if trainer.local_rank != 0:
+        return
+    if trainer.disable_checkpointing:
+        trainer.print_to_log_file("No checkpoint written, checkpointing is disabled")
+        return
+    checkpoint = {
+        "network_weights": network.state_dict(),
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
+        "logging": trainer.logger.get_checkpoint(),
+        "_best_ema": trainer._best_ema,
+        "current_epoch": trainer.current_epoch + 1,
+        "init_args": trainer.my_init_kwargs,
+        "trainer_name": trainer.__class__.__name__,
+        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+        **extra,
+    }
+    save_checkpoint_atomically(checkpoint, filename)

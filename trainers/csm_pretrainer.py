@@ -28,7 +28,7 @@ from csm_nnunet.masking import CrossSeriesMasker, SeriesMask
 from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
 from csm_nnunet.optim import WarmupCosineLR
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
-from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_checkpoint_atomically
+from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
 
 
 class CSMPretrainer(nnUNetTrainer):
@@ -249,28 +249,11 @@ class CSMPretrainer(nnUNetTrainer):
     # ---------------------------------------------------------------- checkpoints and the end of training
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint dict plus ``csm_network`` (the network config needed to adapt/export the encoder),
-        written atomically with CPU tensors (see :func:`save_checkpoint_atomically`)."""
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
+        written atomically with CPU tensors (see :func:`save_trainer_checkpoint`)."""
         net = self._unwrapped()
-        checkpoint = {
-            "network_weights": net.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "csm_network": net.config(),
-            "csm_masking": {"mask_ratio": self.mask_ratio, "series_masking": self.series_masking,
-                            "same_position": self.same_position},
-        }
-        save_checkpoint_atomically(checkpoint, filename)
+        save_trainer_checkpoint(self, net, filename, csm_network=net.config(),
+                                csm_masking={"mask_ratio": self.mask_ratio, "series_masking": self.series_masking,
+                                             "same_position": self.same_position})
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Pretraining has no segmentation to export; the encoder is judged by fine-tuning."""

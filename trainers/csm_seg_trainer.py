@@ -22,7 +22,7 @@ from csm_nnunet.network import get_preset
 from csm_nnunet.optim import WarmupCosineLR
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.segmentation import CSMSegmentationNetwork
-from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_checkpoint_atomically
+from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
 
 # Written into the plans.json copy in the results folder so the static network builder (used by nnUNetv2_predict,
 # which knows only plans and configuration) rebuilds exactly the trained network.
@@ -126,23 +126,8 @@ class CSMSegTrainer(nnUNetTrainer):
         return super().train_step(batch)
 
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = {
-            "network_weights": self._unwrapped().state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-        }
-        save_checkpoint_atomically(checkpoint, filename)
+        """nnU-Net's checkpoint, written atomically with CPU tensors (see :func:`save_trainer_checkpoint`)."""
+        save_trainer_checkpoint(self, self._unwrapped(), filename)
 
     def initialize(self):
         super().initialize()
