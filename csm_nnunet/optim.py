@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -38,3 +39,13 @@ class WarmupCosineLR(LRScheduler):
         for group in self.optimizer.param_groups:  # "lr_scale": layer-wise learning-rate decay
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the parameters' device (CUDA, and the CPU since torch
+    2.4: about 5x faster than the default loop on 2 CPU cores for a ViT-B, where the optimizer step is otherwise a
+    large share of a sparse MAE step); the plain implementation elsewhere."""
+    try:
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas)

@@ -26,7 +26,7 @@ from torch._dynamo import OptimizedModule
 
 from csm_nnunet.masking import CrossSeriesMasker, SeriesMask
 from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
-from csm_nnunet.optim import WarmupCosineLR
+from csm_nnunet.optim import WarmupCosineLR, adamw
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
 
@@ -109,9 +109,8 @@ class CSMPretrainer(nnUNetTrainer):
                 continue
             # MAE practice: no weight decay on norms, biases, position/series embeddings and mask tokens
             (no_decay if p.ndim < 2 or "embed" in name.split(".")[-1] or "token" in name else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.initial_lr,
-                                      betas=(0.9, 0.95))
+        optimizer = adamw([{"params": decay, "weight_decay": self.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=self.initial_lr, betas=(0.9, 0.95))
         warmup = int(round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
 

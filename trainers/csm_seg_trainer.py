@@ -19,7 +19,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from csm_nnunet.network import get_preset
-from csm_nnunet.optim import WarmupCosineLR
+from csm_nnunet.optim import WarmupCosineLR, adamw
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.segmentation import CSMSegmentationNetwork
 from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
@@ -107,8 +107,8 @@ class CSMSegTrainer(nnUNetTrainer):
                 elif name.startswith(("patch_embed", "series_embed", "eva.pos_embed")):
                     scale = self.layer_decay ** (depth + 1)
             groups.setdefault((wd, scale), []).append(p)
-        optimizer = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_scale": scale}
-                                       for (wd, scale), ps in groups.items()], lr=self.initial_lr)
+        optimizer = adamw([{"params": ps, "weight_decay": wd, "lr_scale": scale}
+                           for (wd, scale), ps in groups.items()], lr=self.initial_lr)
         warmup = int(round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
 
