@@ -99,6 +99,27 @@ def _padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | Non
     return mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
 
 
+def gather_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the kept tokens of ``keep [B, T]``, first in token order, padded to the longest case.
+
+    Returns ``token_ids [B, L]`` and ``valid [B, L]`` (False for padding slots, whose ids point at dropped tokens).
+    A stable sort keeps the order, so a case's tokens do not depend on the rest of the batch.
+    """
+    counts = keep.sum(1)
+    L = int(counts.max())
+    token_ids = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :L]
+    valid = torch.arange(L, device=keep.device)[None] < counts[:, None]
+    return token_ids, valid
+
+
+def rope_for(module: Eva, patch_index: torch.Tensor) -> torch.Tensor | None:
+    """Rotary codes for tokens at grid positions ``patch_index [B, L]`` -> ``[B, 1, L, E]`` (one per head), or
+    ``None`` for blocks without rotary embedding."""
+    if module.rope is None:
+        return None
+    return module.rope.get_embed().to(patch_index.device)[patch_index][:, None]
+
+
 def _build_eva(preset: ViTPreset, dim: int, depth: int, heads: int, grid: Sequence[int], abs_pos: bool) -> Eva:
     if preset.primus_blocks:
         return Eva(embed_dim=dim, depth=depth, num_heads=heads, ref_feat_shape=tuple(grid), use_abs_pos_emb=abs_pos,
@@ -231,12 +252,6 @@ class CSMMaskedAutoencoder(nn.Module):
                 out[sel] = F.linear(patches[sel], self.patch_embed_weight[g], self.patch_embed_bias[g])
         return out
 
-    def _rope(self, module: Eva, patch_index: torch.Tensor) -> torch.Tensor | None:
-        """Rotary codes for tokens at grid positions ``patch_index [B, L]`` -> ``[B, 1, L, E]`` (one per head)."""
-        if module.rope is None:
-            return None
-        return module.rope.get_embed().to(patch_index.device)[patch_index][:, None]
-
     # ---------------------------------------------------------------- encoder / decoder / loss
     def forward_encoder(self, patches: torch.Tensor, mask: SeriesMask
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,13 +265,10 @@ class CSMMaskedAutoencoder(nn.Module):
         visible = mask.visible.reshape(B, G * N)
         present = mask.present[:, :, None].expand(B, G, N).reshape(B, G * N)
         keep = visible if self.sparse_encoder else present
-        counts = keep.sum(1)
-        if bool((counts == 0).any()):
+        if bool((keep.sum(1) == 0).any()):
             raise ValueError("a case in the batch has no visible token (all its series absent?)")
-        L = int(counts.max())
-        # stable sort puts the kept tokens first, in token order
-        token_ids = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :L]
-        valid = torch.arange(L, device=patches.device)[None] < counts[:, None]
+        token_ids, valid = gather_kept(keep)
+        L = token_ids.shape[1]
         group, patch_index = token_ids // N, token_ids % N
         tok = patches.reshape(B, G * N, P).gather(1, token_ids[..., None].expand(B, L, P))
         x = self._embed(tok, group)
@@ -264,7 +276,7 @@ class CSMMaskedAutoencoder(nn.Module):
             hidden = ~visible.gather(1, token_ids)
             x = torch.where(hidden[..., None], self.encoder_mask_token.to(x.dtype).expand_as(x), x)
         x = x + self.eva.pos_embed[0, patch_index] + self.series_embed[group]
-        rope = self._rope(self.eva, patch_index)
+        rope = rope_for(self.eva, patch_index)
         attn_mask = _padding_mask(valid, x.dtype)
         for blk in self.eva.blocks:
             x = blk(x, rope=rope, attn_mask=attn_mask)
@@ -286,7 +298,7 @@ class CSMMaskedAutoencoder(nn.Module):
         pos = self.decoder_pos_embed.to(full.dtype).repeat(G, 1)
         full = full + pos[None] + self.decoder_series_embed.repeat_interleave(N, 0)[None]
         all_index = torch.arange(N, device=latent.device).repeat(G)[None]
-        rope = self._rope(self.decoder, all_index)
+        rope = rope_for(self.decoder, all_index)
         present = mask.present[:, :, None].expand(B, G, N).reshape(B, G * N)
         attn_mask = _padding_mask(present, full.dtype)
         for blk in self.decoder.blocks:

@@ -29,7 +29,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from csm_nnunet.network import ViTPreset, _build_eva, _padding_mask, get_preset, sincos_pos_embed_3d
+from csm_nnunet.network import (
+    ViTPreset,
+    _build_eva,
+    _padding_mask,
+    gather_kept,
+    get_preset,
+    rope_for,
+    sincos_pos_embed_3d,
+)
 
 #: State-dict keys (exact names) of the encoder that carry one row per series, matched by series name on adaptation.
 PER_SERIES_ENCODER_KEYS: tuple[str, ...] = ("patch_embed_weight", "patch_embed_bias", "series_embed")
@@ -335,15 +343,10 @@ class CSMSegmentationNetwork(nn.Module):
         emb = emb + self.eva.pos_embed[0][None, None] + self.series_embed[None, :, None]
         emb = emb.reshape(B, S * N, D)
         keep = present[:, :, None].expand(B, S, N).reshape(B, S * N)
-        counts = keep.sum(1)
-        L = int(counts.max())
-        # stable sort puts the kept tokens first, in (series, patch) order
-        token_ids = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :L]
-        valid = torch.arange(L, device=x.device)[None] < counts[:, None]
+        token_ids, valid = gather_kept(keep)  # kept tokens first, in (series, patch) order
+        L = token_ids.shape[1]
         h = emb.gather(1, token_ids[..., None].expand(B, L, D))
-        rope = None
-        if self.eva.rope is not None:  # rotary codes of each token's grid position, one per head: [B, 1, L, E]
-            rope = self.eva.rope.get_embed().to(x.device)[token_ids % N][:, None]
+        rope = rope_for(self.eva, token_ids % N)
         attn_mask = _padding_mask(valid, h.dtype)
         # padded slots scatter into a spare last slot that is dropped
         dest = torch.where(valid, token_ids, torch.full_like(token_ids, S * N))[..., None].expand(B, L, D)
