@@ -1,4 +1,5 @@
-"""Explicit adaptation of a CSM/MAE pretraining checkpoint to a :class:`CSMSegmentationNetwork`.
+"""Explicit adaptation of a CSM/MAE pretraining checkpoint to a fine-tuning network (any
+:class:`~csm_nnunet.segmentation.SeriesTokenEncoder`: segmentation or classification).
 
 Like timm's ``checkpoint_filter_fn``, every tensor of the target network is accounted for -- copied, resampled,
 matched by series name or kept at its fresh initialisation -- and the result loads with ``strict=True``; nothing is
@@ -20,6 +21,10 @@ Rules:
   share is ``bias / C`` (an even split), so summing the per-series projections over all ``C`` pretrained
   channels reproduces the fused projection exactly, and no channel is privileged when only some of them exist in
   the target. ``series_embed`` stays fresh (the fused network has a single token group, no per-series embedding).
+* a channel-fused *target* (``fused_tokens=True``, the fused-token baseline ``CSMSegTrainer_FusedTokens``) loads
+  only a channel-fused checkpoint with the same channels in the same order, tensor for tensor; anything else is an
+  error that says so (per-series weights fold into a fused stem only approximately; ``csm_nnunet export-primus``
+  does that fold, for nnU-Net's Primus).
 * fusion, decoder and segmentation-head tensors are always fresh.
 * a different encoder (embed dim, depth, heads, block type, token size) is an error naming the field.
 """
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csm_nnunet.segmentation import PER_SERIES_ENCODER_KEYS, CSMSegmentationNetwork, is_encoder_key
+from csm_nnunet.segmentation import PER_SERIES_ENCODER_KEYS, SeriesTokenEncoder, is_encoder_key
 
 POS_EMBED_KEY = "eva.pos_embed"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DistributedDataParallel
@@ -110,16 +115,17 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _unwrap(network: nn.Module) -> CSMSegmentationNetwork:
+def _unwrap(network: nn.Module) -> SeriesTokenEncoder:
     for attr in ("_orig_mod", "module"):
         while hasattr(network, attr) and isinstance(getattr(network, attr), nn.Module):
             network = getattr(network, attr)
-    if not isinstance(network, CSMSegmentationNetwork):
-        raise TypeError(f"network must be a CSMSegmentationNetwork, got {type(network).__name__}")
+    if not isinstance(network, SeriesTokenEncoder):
+        raise TypeError(f"network must be a csm-nnunet fine-tuning network (SeriesTokenEncoder), got "
+                        f"{type(network).__name__}")
     return network
 
 
-def _check_encoder_config(config: Mapping, network: CSMSegmentationNetwork) -> None:
+def _check_encoder_config(config: Mapping, network: SeriesTokenEncoder) -> None:
     """Raise a ValueError naming the first encoder field where checkpoint and network differ."""
     for required in ("series_names", "patch_size", "preset", "token_size"):
         if required not in config:
@@ -159,7 +165,7 @@ def adapt_encoder_state(pretrained_state: Mapping[str, torch.Tensor], pretrained
     Args:
         pretrained_state: ``checkpoint["network_weights"]`` of a CSM/MAE pretraining checkpoint.
         pretrained_config: ``checkpoint["csm_network"]`` (``CSMMaskedAutoencoder.config()``).
-        network: the :class:`CSMSegmentationNetwork` to initialise (its current tensors are the fresh values).
+        network: the fine-tuning network to initialise (its current tensors are the fresh values).
         target_series_names: the network's input channel names, in channel order.
         series_map: optional renames ``{target name: pretrained name}`` for series whose names differ between the
             datasets (e.g. ``{"T1POST": "T1ce"}``); otherwise names must be equal to match.
@@ -182,6 +188,13 @@ def adapt_encoder_state(pretrained_state: Mapping[str, torch.Tensor], pretrained
     t = net.token_size
     src_grid = tuple(int(p) // t for p in pretrained_config["patch_size"])
     state = _strip_wrappers(pretrained_state)
+    direct = net.fused_tokens  # fused target: a fused checkpoint with identical channels, copied tensor for tensor
+    if direct and not (fused and pre_names == targets and not series_map):
+        raise ValueError(f"the segmentation network uses channel-fused tokens over {targets}; it loads only a "
+                         f"channel-fused (MAEPretrainer) checkpoint with the same channels in the same order, but the "
+                         f"checkpoint is {'fused' if fused else 'series-tokenized'} over {pre_names}. Fine-tune a "
+                         f"series-tokenized checkpoint with CSMSegTrainer, or fold it into nnU-Net's Primus with "
+                         f"`csm_nnunet export-primus`")
 
     fresh_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     report = AdaptationReport(state_dict=fresh_state)
@@ -205,7 +218,7 @@ def adapt_encoder_state(pretrained_state: Mapping[str, torch.Tensor], pretrained
         if not is_encoder_key(key):
             report.fresh.append(key)
             continue
-        if fused and key == "series_embed":  # a fused network has one token group, no per-series embedding
+        if fused and not direct and key == "series_embed":  # one fused token group: no per-series embedding
             report.fresh.append(key)
             continue
         if key not in state:
@@ -213,7 +226,7 @@ def adapt_encoder_state(pretrained_state: Mapping[str, torch.Tensor], pretrained
                              f"written by a different network")
         src, dst = state[key], fresh_state[key]
         used.add(key)
-        if key in PER_SERIES_ENCODER_KEYS:
+        if key in PER_SERIES_ENCODER_KEYS and not direct:
             if fused:
                 src = _split_fused(key, src, len(pre_names), t, report)
             expected = (len(pre_names), *dst.shape[1:])
@@ -241,7 +254,9 @@ def adapt_encoder_state(pretrained_state: Mapping[str, torch.Tensor], pretrained
     if not report.series_matched:
         report.notes.append(f"no target series {targets} matches a pretrained series {pre_names}: the patch "
                             f"embedding is entirely fresh (pass series_map to pair renamed series)")
-    if fused:
+    if direct:
+        report.notes.append(f"channel-fused checkpoint into a channel-fused network over {targets}: copied as is")
+    elif fused:
         report.notes.append(f"fused (channel-stacked) checkpoint: patch embedding split into {len(pre_names)} "
                             f"per-series weights {pre_names}; bias split evenly (bias / {len(pre_names)} per "
                             f"series); series_embed fresh")

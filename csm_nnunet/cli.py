@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-dataset": ("csm_nnunet.synthetic", "write a synthetic multi-series MRI-like dataset in nnU-Net raw format"),
     "export-primus": ("csm_nnunet.export", "turn a Primus-preset CSM encoder into -pretrained_weights for nnU-Net's "
                                            "own nnUNet_Primus_*_Trainer"),
+    "import-labels": ("csm_nnunet.class_labels", "write per-case class labels from a CSV (case,label) into a raw "
+                                                 "dataset's dataset.json"),
+    "experiment": ("csm_nnunet.experiment", "compare fine-tuning arms (nnU-Net U-Net, fused-token ViT, CSM scratch/"
+                                            "pretrained, Primus) on one split and budget; Dice, missing series"),
 }
 
 

@@ -15,7 +15,7 @@ import importlib.metadata as md
 TESTED = {"nnunetv2": ("2.8", "2.9"), "torch": ("2.1", None)}
 TRAINERS = ("CSMPretrainer", "CSMPretrainer_SamePositionMask", "CSMPretrainer_SeriesMaskNoRecon",
             "CSMPretrainer_NoSeriesMask", "CSMPretrainer_Mask50", "CSMPretrainer_NormPix", "MAEPretrainer",
-            "CSMSegTrainer")
+            "CSMSegTrainer", "CSMSegTrainer_FusedTokens", "nnUNetTrainer_CSMBudget")
 PLANNERS = ("CSMPlanner",)
 REINSTALL = "pip install --force-reinstall --no-deps csm-nnunet  (or, from a checkout: pip install --no-deps .)"
 

@@ -54,6 +54,8 @@ PRESETS: dict[str, ViTPreset] = {
     # CPU tests and demos.
     "tiny": ViTPreset("tiny", 16, 96, 4, 4, 64, 2, 4, seg_channels=8),
     "small": ViTPreset("small", 16, 384, 8, 6, 256, 2, 8, seg_channels=16),
+    # CPU experiments on ~48^3 patches: 8^3 tokens give a 6^3 grid (16^3 tokens would leave only 3^3 regions).
+    "small8": ViTPreset("small8", 8, 192, 6, 6, 128, 2, 4, seg_channels=16),
     # ViT-B/16 as in the paper (IV.A), with a light 384-wide, 4-deep decoder.
     "B16": ViTPreset("B16", 16, 768, 12, 12, 384, 4, 12),
     # nnU-Net's Primus S/B/M/L (dynamic_network_architectures.architectures.primus): width/depth/heads, 8^3 tokens.
@@ -139,6 +141,32 @@ class MAEOutput:
     num_visible: torch.Tensor
 
 
+def patchify_groups(x: torch.Tensor, num_groups: int, token_size: int, grid: Sequence[int]) -> torch.Tensor:
+    """Cut ``x [B, C, X, Y, Z]`` into tokens ``[B, G, N, P]`` (``G = num_groups`` token groups of ``C / G`` channels
+    each; ``P = (C / G) * t^3``, channel-major within a token; tokens in x-major grid order).
+
+    ``G = C`` is the series-tokenized layout (one token per series and patch), ``G = 1`` the channel-fused one. Every
+    network of the package cuts volumes with this one function, so pretrained patch projections mean the same voxels
+    in the fine-tuning network.
+    """
+    B, C = x.shape[:2]
+    t, (gx, gy, gz) = int(token_size), (int(g) for g in grid)
+    x = x.reshape(B, num_groups, C // num_groups, gx, t, gy, t, gz, t).permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
+    return x.reshape(B, num_groups, gx * gy * gz, (C // num_groups) * t ** 3)
+
+
+def init_token_embedding(patch_embed_weight: torch.Tensor, series_embed: torch.Tensor, pos_embed: torch.Tensor,
+                         grid: Sequence[int]) -> None:
+    """The encoder stem's initialisation, shared by the pretraining and the fine-tuning networks: Xavier-uniform
+    per-group patch projections (MAE initialises its patch projection like a linear layer), a small random series
+    embedding, and the learned positional table started at 3D sin-cos."""
+    with torch.no_grad():
+        for g in range(patch_embed_weight.shape[0]):
+            nn.init.xavier_uniform_(patch_embed_weight[g])
+        nn.init.normal_(series_embed, std=0.02)
+        pos_embed.copy_(sincos_pos_embed_3d(tuple(grid), pos_embed.shape[-1])[None])
+
+
 class CSMMaskedAutoencoder(nn.Module):
     """Masked autoencoder over (series, patch) tokens.
 
@@ -202,11 +230,8 @@ class CSMMaskedAutoencoder(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for g in range(self.num_groups):
-            nn.init.xavier_uniform_(self.patch_embed_weight.data[g])
-        with torch.no_grad():
-            self.eva.pos_embed.copy_(sincos_pos_embed_3d(self.grid, self.preset.embed_dim)[None])
-        for t in (self.series_embed, self.encoder_mask_token, self.mask_token, self.decoder_series_embed):
+        init_token_embedding(self.patch_embed_weight, self.series_embed, self.eva.pos_embed, self.grid)
+        for t in (self.encoder_mask_token, self.mask_token, self.decoder_series_embed):
             nn.init.normal_(t, std=0.02)
         nn.init.xavier_uniform_(self.decoder_embed.weight)
         nn.init.zeros_(self.decoder_embed.bias)
@@ -229,10 +254,7 @@ class CSMMaskedAutoencoder(nn.Module):
         if tuple(x.shape[2:]) != self.patch_size:
             raise ValueError(f"input spatial shape {tuple(x.shape[2:])} differs from the network patch size "
                              f"{self.patch_size}")
-        t, (gx, gy, gz) = self.token_size, self.grid
-        x = x.reshape(B, self.num_groups, self.channels_per_group, gx, t, gy, t, gz, t)
-        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
-        return x.reshape(B, self.num_groups, self.num_patches, self.voxels_per_token)
+        return patchify_groups(x, self.num_groups, self.token_size, self.grid)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`patchify`: ``[B, G, N, P] -> [B, C, X, Y, Z]``."""

@@ -42,9 +42,14 @@ def read_env_overrides(environ: dict[str, str] | None = None) -> dict[str, objec
     return out
 
 
-def apply_env_overrides(trainer: object, log: Callable[..., None]) -> dict[str, object]:
-    """Set the overridden attributes on ``trainer`` and log each change."""
+def apply_env_overrides(trainer: object, log: Callable[..., None], skip: tuple[str, ...] = ()
+                        ) -> dict[str, object]:
+    """Set the overridden attributes on ``trainer`` and log each change; attributes in ``skip`` are left alone (and
+    the log says they were ignored)."""
     changes = read_env_overrides()
+    for attr in skip:
+        if changes.pop(attr, None) is not None:
+            log(f"csm-nnunet: the {attr} override is ignored by {type(trainer).__name__}")
     for attr, value in changes.items():
         log(f"csm-nnunet: {attr} = {value!r} (from environment, default was {getattr(trainer, attr, None)!r})")
         setattr(trainer, attr, value)

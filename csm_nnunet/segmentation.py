@@ -35,8 +35,9 @@ from csm_nnunet.network import (
     _padding_mask,
     gather_kept,
     get_preset,
+    init_token_embedding,
+    patchify_groups,
     rope_for,
-    sincos_pos_embed_3d,
 )
 
 #: State-dict keys (exact names) of the encoder that carry one row per series, matched by series name on adaptation.
@@ -203,35 +204,32 @@ class UNETRDecoder(nn.Module):
         return outputs[::-1] if self.deep_supervision else outputs[0]
 
 
-class CSMSegmentationNetwork(nn.Module):
-    """Series-tokenized ViT encoder + per-region series fusion + UNETR-style decoder.
+class SeriesTokenEncoder(nn.Module):
+    """The fine-tuning encoder shared by segmentation and classification: the pretraining encoder of
+    :class:`csm_nnunet.network.CSMMaskedAutoencoder` (same parameter names, shapes and initialisation) run on every
+    token of the present series. Subclasses add their heads; :mod:`csm_nnunet.adapt` loads pretrained weights into any
+    subclass.
 
     Args:
         num_series: input channels ``S`` (one series each).
-        num_classes: output logits channels (nnU-Net's label count, background included).
-        patch_size: spatial input size; each axis a positive multiple of the token size. The token grid and the
-            positional table are fixed to it (use :func:`csm_nnunet.adapt.adapt_encoder_state` to resample a
-            pretrained table to another grid).
+        patch_size: spatial input size; each axis a positive multiple of the token size.
         preset: a name in :data:`csm_nnunet.network.PRESETS` or a :class:`ViTPreset` (must match the pretraining).
-        token_size: overrides the preset's token edge; a power of two >= 8 (the decoder doubles resolution).
-        fusion: ``"attention"`` (:class:`AttentionSeriesFusion`) or ``"concat"`` (:class:`ConcatSeriesFusion`).
-        deep_supervision: return logits of every decoder level (highest resolution first), nnU-Net style.
-        series_names: optional channel names (documentation for adaptation; checked to be unique, length ``S``).
-        base_channels: decoder width at full resolution (doubled per coarser level, capped at 320); default: the
-            preset's ``seg_channels`` (32, nnU-Net's; 8 for ``tiny`` so CPU tests and demos stay fast).
+        token_size: overrides the preset's token edge (>= 8; a power of two where a decoder doubles resolution).
+        series_names: optional channel names (checked to be unique, length ``S``; used to match pretrained series).
+        fused_tokens: the channel-fused baseline: one token per patch carrying all series as channels (one
+            projection ``[1, D, S*t^3]``), everything else identical. It cannot drop an absent series (its channels
+            are zeros inside the token, the paper's zero-padding); it exists so series tokens can be compared with
+            fused tokens at the same encoder width/depth and head.
     """
 
-    def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
-                 token_size: int | None = None, fusion: str = "attention", deep_supervision: bool = False,
-                 series_names: Sequence[str] | None = None, base_channels: int | None = None):
+    def __init__(self, num_series: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
+                 token_size: int | None = None, series_names: Sequence[str] | None = None,
+                 fused_tokens: bool = False, power_of_two_tokens: bool = False):
         super().__init__()
         self.preset = get_preset(preset)
         self.num_series = int(num_series)
-        self.num_classes = int(num_classes)
         if self.num_series < 1:
             raise ValueError(f"num_series must be >= 1, got {num_series}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.series_names = None if series_names is None else [str(s) for s in series_names]
         if self.series_names is not None:
             if len(self.series_names) != self.num_series:
@@ -241,64 +239,30 @@ class CSMSegmentationNetwork(nn.Module):
                 raise ValueError(f"series names must be unique, got {self.series_names}")
         self.token_size = int(token_size or self.preset.token_size)
         t = self.token_size
-        if t < 8 or t & (t - 1):
-            raise ValueError(f"token_size must be a power of two >= 8 (the decoder doubles resolution per stage), "
-                             f"got {t}")
+        if t < 8 or (power_of_two_tokens and t & (t - 1)):
+            why = " and a power of two (the decoder doubles resolution per stage)" if power_of_two_tokens else ""
+            raise ValueError(f"token_size must be >= 8{why}, got {t}")
         self.patch_size = tuple(int(p) for p in patch_size)
         if len(self.patch_size) != 3:
             raise ValueError(f"CSM networks are 3D; got patch size {self.patch_size}. Use a 3d_fullres configuration.")
         if any(p % t or p < t for p in self.patch_size):
             raise ValueError(f"patch size {self.patch_size} is not a positive multiple of the token size {t} on "
                              f"every axis")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        self.fusion_mode = fusion
         self.grid = tuple(p // t for p in self.patch_size)
         self.num_patches = int(math.prod(self.grid))
+        self.fused_tokens = bool(fused_tokens)
+        self.num_groups = 1 if self.fused_tokens else self.num_series  # token groups G
         p = self.preset
-        D, S = p.embed_dim, self.num_series
-        self.num_levels = int(math.log2(t))  # upsampling stages grid -> full resolution
-        if p.depth < self.num_levels:
-            raise ValueError(f"preset {p.name!r} has depth {p.depth} < {self.num_levels} decoder taps")
-        # evenly spaced taps (block counts), e.g. depth 12 / token 16: 3, 6, 9, 12; token 8: 4, 8, 12
-        self.tap_depths = tuple(round(k * p.depth / self.num_levels) for k in range(1, self.num_levels + 1))
-
-        # encoder: same names, shapes and initialisation as CSMMaskedAutoencoder's
-        self.patch_embed_weight = nn.Parameter(torch.empty(S, D, t ** 3))
-        self.patch_embed_bias = nn.Parameter(torch.zeros(S, D))
-        self.series_embed = nn.Parameter(torch.zeros(S, D))
+        D, S, G = p.embed_dim, self.num_series, self.num_groups
+        self.patch_embed_weight = nn.Parameter(torch.empty(G, D, (S // G) * t ** 3))
+        self.patch_embed_bias = nn.Parameter(torch.zeros(G, D))
+        self.series_embed = nn.Parameter(torch.zeros(G, D))
         self.eva = _build_eva(p, D, p.depth, p.num_heads, self.grid, abs_pos=True)
-        for s in range(S):
-            nn.init.xavier_uniform_(self.patch_embed_weight.data[s])
-        nn.init.normal_(self.series_embed, std=0.02)
-        with torch.no_grad():
-            self.eva.pos_embed.copy_(sincos_pos_embed_3d(self.grid, D)[None])
-
-        if fusion == "attention":
-            self.fusions = nn.ModuleList(AttentionSeriesFusion(S, D, p.num_heads, D) for _ in self.tap_depths)
-        else:
-            self.fusions = nn.ModuleList(ConcatSeriesFusion(S, D, D) for _ in self.tap_depths)
-        # the image branch sees the (absent-zeroed) series plus one presence indicator channel per series
-        self.decoder = UNETRDecoder(D, 2 * S, self.num_classes, self.num_levels,
-                                    base_channels or self.preset.seg_channels, deep_supervision)
-
-    # ---------------------------------------------------------------- helpers
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.decoder.deep_supervision = bool(enabled)
+        init_token_embedding(self.patch_embed_weight, self.series_embed, self.eva.pos_embed, self.grid)
 
     def encoder_state_keys(self) -> list[str]:
         """The state-dict keys that belong to the encoder (and can be loaded from a pretraining checkpoint)."""
         return [k for k in self.state_dict() if is_encoder_key(k)]
-
-    def deep_supervision_scales(self) -> list[list[float]]:
-        """Per-axis scale of each deep-supervision output relative to the patch (for nnU-Net's target
-        downsampling), highest resolution first: ``[[1, 1, 1], [0.5, 0.5, 0.5], ...]``."""
-        return [[0.5 ** i] * 3 for i in range(self.num_levels)]
 
     def _check_inputs(self, x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.num_series:
@@ -316,28 +280,22 @@ class CSMSegmentationNetwork(nn.Module):
         present = present.to(device=x.device, dtype=torch.bool)
         empty = (~present.any(1)).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"case(s) {empty} of the batch have no present series; nothing to segment")
+            raise ValueError(f"case(s) {empty} of the batch have no present series; nothing to predict from")
         return present
 
-    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, S, X, Y, Z] -> [B, S, N, t^3]``, tokens in x-major grid order (as the pretraining network)."""
-        B, S = x.shape[:2]
-        t, (gx, gy, gz) = self.token_size, self.grid
-        x = x.reshape(B, S, gx, t, gy, t, gz, t).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        return x.reshape(B, S, self.num_patches, t ** 3)
-
     # ---------------------------------------------------------------- forward
-    def forward_encoder(self, x: torch.Tensor, present: torch.Tensor) -> list[torch.Tensor]:
+    def forward_encoder(self, x: torch.Tensor, present: torch.Tensor, tap_depths: Sequence[int]
+                        ) -> list[torch.Tensor]:
         """Encode every patch of every present series of ``x [B, S, X, Y, Z]`` (absent channels already zeroed).
 
-        Returns the hidden states at :attr:`tap_depths` (the last after ``eva.norm``), each scattered back to
-        ``[B, S, N, D]`` with zeros at absent series. Cases with fewer present series are padded to the longest
-        token sequence ``L`` and the padding is hidden from attention, so a case's result does not depend on the
-        rest of the batch.
+        Returns the hidden states after the blocks counted in ``tap_depths`` (the last block's after ``eva.norm``),
+        each scattered back to ``[B, G, N, D]`` with zeros at absent series (``G = S``; ``G = 1`` with fused
+        tokens, ``present [B, 1]``). Cases with fewer present series are padded to the longest token sequence ``L``
+        and the padding is hidden from attention, so a case's result does not depend on the rest of the batch.
         """
-        B, S = x.shape[:2]
+        B, S = x.shape[0], self.num_groups
         N, D = self.num_patches, self.preset.embed_dim
-        patches = self._patchify(x)
+        patches = patchify_groups(x, S, self.token_size, self.grid)
         # per-series projection of every patch; absent rows are computed but dropped below (cheap next to attention)
         emb = torch.einsum("bsnp,sdp->bsnd", patches, self.patch_embed_weight) + self.patch_embed_bias[None, :, None]
         emb = emb + self.eva.pos_embed[0][None, None] + self.series_embed[None, :, None]
@@ -353,11 +311,77 @@ class CSMSegmentationNetwork(nn.Module):
         taps = []
         for depth, blk in enumerate(self.eva.blocks, start=1):
             h = blk(h, rope=rope, attn_mask=attn_mask)
-            if depth in self.tap_depths:
+            if depth in tap_depths:
                 out = self.eva.norm(h) if depth == self.preset.depth else h
                 full = out.new_zeros(B, S * N + 1, D).scatter(1, dest, out)[:, : S * N]
                 taps.append(full.reshape(B, S, N, D))
         return taps
+
+
+class CSMSegmentationNetwork(SeriesTokenEncoder):
+    """Series-tokenized ViT encoder + per-region series fusion + UNETR-style decoder.
+
+    Args:
+        num_series: input channels ``S`` (one series each).
+        num_classes: output logits channels (nnU-Net's label count, background included).
+        patch_size: spatial input size; each axis a positive multiple of the token size. The token grid and the
+            positional table are fixed to it (use :func:`csm_nnunet.adapt.adapt_encoder_state` to resample a
+            pretrained table to another grid).
+        preset: a name in :data:`csm_nnunet.network.PRESETS` or a :class:`ViTPreset` (must match the pretraining).
+        token_size: overrides the preset's token edge; a power of two >= 8 (the decoder doubles resolution).
+        fusion: ``"attention"`` (:class:`AttentionSeriesFusion`) or ``"concat"`` (:class:`ConcatSeriesFusion`).
+        deep_supervision: return logits of every decoder level (highest resolution first), nnU-Net style.
+        series_names: optional channel names (documentation for adaptation; checked to be unique, length ``S``).
+        base_channels: decoder width at full resolution (doubled per coarser level, capped at 320); default: the
+            preset's ``seg_channels`` (32, nnU-Net's; 8 for ``tiny`` so CPU tests and demos stay fast).
+        fused_tokens: the channel-fused baseline: one token per patch carrying all series as channels (one
+            projection ``[1, D, S*t^3]``), everything else identical. It cannot drop an absent series (its channels
+            are zeros inside the token, the paper's zero-padding); it exists so the series tokens are compared
+            against fused tokens with the same encoder width/depth, fusion and decoder.
+    """
+
+    def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
+                 token_size: int | None = None, fusion: str = "attention", deep_supervision: bool = False,
+                 series_names: Sequence[str] | None = None, base_channels: int | None = None,
+                 fused_tokens: bool = False):
+        super().__init__(num_series, patch_size, preset, token_size, series_names, fused_tokens,
+                         power_of_two_tokens=True)
+        self.num_classes = int(num_classes)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion_mode = fusion
+        p = self.preset
+        D, S, G = p.embed_dim, self.num_series, self.num_groups
+        self.num_levels = int(math.log2(self.token_size))  # upsampling stages grid -> full resolution
+        if p.depth < self.num_levels:
+            raise ValueError(f"preset {p.name!r} has depth {p.depth} < {self.num_levels} decoder taps")
+        # evenly spaced taps (block counts), e.g. depth 12 / token 16: 3, 6, 9, 12; token 8: 4, 8, 12
+        self.tap_depths = tuple(round(k * p.depth / self.num_levels) for k in range(1, self.num_levels + 1))
+
+        # fusion over the G token groups of a region (G = 1 for fused tokens: a learned projection of the one token)
+        if fusion == "attention":
+            self.fusions = nn.ModuleList(AttentionSeriesFusion(G, D, p.num_heads, D) for _ in self.tap_depths)
+        else:
+            self.fusions = nn.ModuleList(ConcatSeriesFusion(G, D, D) for _ in self.tap_depths)
+        # the image branch sees the (absent-zeroed) series plus one presence indicator channel per series
+        self.decoder = UNETRDecoder(D, 2 * S, self.num_classes, self.num_levels,
+                                    base_channels or self.preset.seg_channels, deep_supervision)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.decoder.deep_supervision = bool(enabled)
+
+    def deep_supervision_scales(self) -> list[list[float]]:
+        """Per-axis scale of each deep-supervision output relative to the patch (for nnU-Net's target
+        downsampling), highest resolution first: ``[[1, 1, 1], [0.5, 0.5, 0.5], ...]``."""
+        return [[0.5 ** i] * 3 for i in range(self.num_levels)]
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """``x [B, S, X, Y, Z]``, ``present [B, S]`` bool (default all True) -> logits ``[B, K, X, Y, Z]``, or with
@@ -365,9 +389,10 @@ class CSMSegmentationNetwork(nn.Module):
         (zeroed before any use), so they may hold anything."""
         present = self._check_inputs(x, present)
         x = torch.where(present[:, :, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        taps = self.forward_encoder(x, present)
+        groups = present.any(1, keepdim=True) if self.fused_tokens else present
+        taps = self.forward_encoder(x, groups, self.tap_depths)
         B = x.shape[0]
-        maps = [fuse(tap, present).transpose(1, 2).reshape(B, -1, *self.grid)
+        maps = [fuse(tap, groups).transpose(1, 2).reshape(B, -1, *self.grid)
                 for fuse, tap in zip(self.fusions, taps)]
         # shallowest tap feeds the finest intermediate level: skips ordered by level 1 .. u-1
         skips = maps[:-1][::-1]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_nnunet.adapt import adapt_encoder_state, load_pretrained_checkpoint
-from csm_nnunet.network import CSMMaskedAutoencoder, ViTPreset
+from csm_nnunet.network import CSMMaskedAutoencoder, ViTPreset, patchify_groups
 from csm_nnunet.segmentation import CSMSegmentationNetwork, is_encoder_key
 
 SERIES = ["T1", "T1ce", "T2", "FLAIR"]
@@ -104,7 +104,7 @@ def test_fused_checkpoint_is_split_per_series():
     fused = F.conv3d(x, w, mae.patch_embed_bias.detach()[0], stride=t)  # [B, D, 2, 2, 2]
     # ... equals the sum over series of the per-series projections
     with torch.no_grad():
-        patches = net._patchify(x)  # [B, S, N, t^3]
+        patches = patchify_groups(x, 4, t, net.grid)  # [B, S, N, t^3]
         per_series = torch.einsum("bsnp,sdp->bsnd", patches, net.patch_embed_weight) \
             + net.patch_embed_bias[None, :, None]
     summed = per_series.sum(1).transpose(1, 2).reshape(2, D, 2, 2, 2)
@@ -149,3 +149,20 @@ def test_load_checkpoint_file_and_clear_errors(tmp_path):
         load_pretrained_checkpoint(str(plain), seg(), SERIES, log=None)
     with pytest.raises(FileNotFoundError):
         load_pretrained_checkpoint(str(tmp_path / "missing.pth"), seg(), SERIES, log=None)
+
+
+def test_fused_target_loads_only_a_fused_checkpoint_with_the_same_channels():
+    mae = pretrained(fused=True)
+    net = seg(fused_tokens=True)
+    report = adapt_encoder_state(mae.state_dict(), mae.config(), net, SERIES)
+    net.load_state_dict(report.state_dict, strict=True)
+    ref = mae.state_dict()
+    for k, v in net.state_dict().items():
+        if is_encoder_key(k):
+            assert torch.equal(v, ref[k]), k
+    assert any("copied as is" in n for n in report.notes)
+    with pytest.raises(ValueError, match="series-tokenized over"):
+        adapt_encoder_state(pretrained().state_dict(), pretrained().config(), seg(fused_tokens=True), SERIES)
+    reordered = SERIES[::-1]
+    with pytest.raises(ValueError, match="same channels in the same order"):
+        adapt_encoder_state(mae.state_dict(), mae.config(), seg(fused_tokens=True), reordered)

@@ -53,13 +53,13 @@ def plan(env: dict[str, str], dataset_id: int, planner: str | None = "CSMPlanner
     run(cmd + (["-pl", planner] if planner else []), {**env, "nnUNet_n_proc_DA": "1"})
 
 
-def fold_dir(env: dict[str, str], dataset: str, trainer: str, plans: str) -> Path:
-    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / "fold_all"
+def fold_dir(env: dict[str, str], dataset: str, trainer: str, plans: str, fold: str = "all") -> Path:
+    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
 
 
 def train(env: dict[str, str], dataset_id: int, trainer: str, plans: str, extra: dict[str, str] | None = None,
-          args: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
-    cmd = ["nnUNetv2_train", str(dataset_id), "3d_fullres", "all", "-tr", trainer, "-p", plans, "-device", "cpu"]
+          args: tuple[str, ...] = (), check: bool = True, fold: str = "all") -> subprocess.CompletedProcess:
+    cmd = ["nnUNetv2_train", str(dataset_id), "3d_fullres", fold, "-tr", trainer, "-p", plans, "-device", "cpu"]
     return run(cmd + list(args), {**env, **SHORT, **(extra or {})}, check=check)
 
 
@@ -243,8 +243,8 @@ def test_one_series_dataset_warns_and_trains(real):
 SEG = {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "2", "CSM_VAL_ITERS": "1"}
 
 
-def predict(env: dict[str, str], dataset_id: int, inp: Path, out: Path) -> None:
-    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-f", "all",
+def predict(env: dict[str, str], dataset_id: int, inp: Path, out: Path, fold: str = "all") -> None:
+    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-f", fold,
          "-tr", "CSMSegTrainer", "-p", "nnUNetCSMPlans", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
         {**env, **SEG})
 
@@ -256,13 +256,21 @@ def pretrained(synthetic) -> Path:
 
 
 def test_finetune_predict_evaluate_with_missing_series(synthetic, pretrained, tmp_path):
+    """Fold 0 of a user-written split (nnU-Net's default 5-fold split needs >= 5 cases), so nnU-Net's final
+    validation and nnUNetv2_find_best_configuration see a real cross-validation fold."""
     env = synthetic
-    train(env, 990, "CSMSegTrainer", "nnUNetCSMPlans", SEG, ("-pretrained_weights", str(pretrained)))
-    folder = fold_dir(env, "Dataset990_CSMSynth", "CSMSegTrainer", "nnUNetCSMPlans")
+    splits = [{"train": ["brain_000", "brain_001", "brain_003"], "val": ["brain_002"]}]
+    (Path(env["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" / "splits_final.json").write_text(json.dumps(splits))
+    train(env, 990, "CSMSegTrainer", "nnUNetCSMPlans", SEG, ("-pretrained_weights", str(pretrained)), fold="0")
+    folder = fold_dir(env, "Dataset990_CSMSynth", "CSMSegTrainer", "nnUNetCSMPlans", fold="0")
     text = log_text(folder)
     assert "pretrained encoder adaptation" in text and "T1ce <- pretrained #1" in text, text[-3000:]
     assert (folder / "checkpoint_final.pth").is_file()
     assert (folder / "validation" / "summary.json").is_file(), "nnU-Net's final validation must run"
+    run(["nnUNetv2_find_best_configuration", "990", "-c", "3d_fullres", "-tr", "CSMSegTrainer", "-p",
+         "nnUNetCSMPlans", "-f", "0", "--disable_ensembling", "-np", "1"], env)
+    instructions = Path(env["nnUNet_results"]) / "Dataset990_CSMSynth" / "inference_instructions.txt"
+    assert "-tr CSMSegTrainer" in instructions.read_text()
 
     raw = Path(env["nnUNet_raw"]) / "Dataset990_CSMSynth"
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -278,7 +286,7 @@ def test_finetune_predict_evaluate_with_missing_series(synthetic, pretrained, tm
         if f.name.endswith("_0001.nii.gz"):
             img = img * 0
         sitk.WriteImage(img, str(inp / f.name.replace(case, "missing_t1ce")))
-    predict(env, 990, inp, out)
+    predict(env, 990, inp, out, fold="0")
     ref = sitk.ReadImage(str(raw / "labelsTr" / f"{case}.nii.gz"))
     for name in (case, "missing_t1ce"):
         pred = sitk.ReadImage(str(out / f"{name}.nii.gz"))

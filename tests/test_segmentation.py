@@ -139,3 +139,30 @@ def test_presence_is_inferred_from_all_zero_series():
     x[1] = 0  # background window: nothing to tell apart, keep all
     x[2, 1, :4] = 0  # partly zero is still present
     assert infer_present(x).tolist() == [[True, True, False, True], [True] * 4, [True] * 4]
+
+
+def test_fused_tokens_baseline_has_one_token_per_patch_and_the_same_decoder():
+    series, fused = make(), make(fused_tokens=True)
+    assert fused.num_groups == 1 and tuple(fused.patch_embed_weight.shape) == (1, 96, 4 * 16 ** 3)
+    assert tuple(series.patch_embed_weight.shape) == (4, 96, 16 ** 3)
+    # everything after the stem and the fusion has identical shapes: the comparison changes only the tokens
+    dec = {k: v.shape for k, v in series.state_dict().items() if k.startswith(("decoder.", "eva.blocks."))}
+    assert dec == {k: v.shape for k, v in fused.state_dict().items() if k.startswith(("decoder.", "eva.blocks."))}
+    x = torch.randn(2, 4, *PATCH)
+    with torch.no_grad():
+        out = fused(x)
+    assert out.shape == (2, 3, *PATCH)
+    # the fused stem is one convolution over the stacked series (channel-major within a token)
+    t = 16
+    with torch.no_grad():
+        taps = fused.forward_encoder(x, torch.ones(2, 1, dtype=torch.bool), fused.tap_depths)
+        ref = F.conv3d(x, fused.patch_embed_weight[0].reshape(96, 4, t, t, t), fused.patch_embed_bias[0], stride=t)
+    assert len(taps) == 4 and taps[0].shape == (2, 1, fused.num_patches, 96)
+    patches = x.reshape(2, 4, 2, t, 3, t, 2, t).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(2, 12, 4 * t ** 3)
+    emb = patches @ fused.patch_embed_weight[0].T + fused.patch_embed_bias[0]
+    assert torch.allclose(emb.transpose(1, 2).reshape(2, 96, 2, 3, 2), ref, atol=1e-4)
+    # a missing series is zeros inside the token (the paper's zero padding): an all-zero series equals its absence
+    x0 = x.clone()
+    x0[:, 1] = 0
+    with torch.no_grad():
+        assert torch.allclose(fused(x0), fused(x, torch.tensor([[True, False, True, True]] * 2)), atol=1e-5)

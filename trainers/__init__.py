@@ -1,6 +1,11 @@
 """nnU-Net trainers of csm-nnunet (installed as ``csm_nnunet.trainers``; found by ``nnUNetv2_train -tr`` through
 the discovery shim ``nnunetv2.training.nnUNetTrainer.csm_nnunet_plugin``)."""
 
+from csm_nnunet.trainers.budget import (
+    nnUNet_Primus_B_Trainer_CSMBudget,
+    nnUNet_Primus_S_Trainer_CSMBudget,
+    nnUNetTrainer_CSMBudget,
+)
 from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
 from csm_nnunet.trainers.csm_pretrainer_ablations import (
     CSMPretrainer_Mask50,
@@ -11,6 +16,11 @@ from csm_nnunet.trainers.csm_pretrainer_ablations import (
     MAEPretrainer,
 )
 from csm_nnunet.trainers.csm_seg_trainer import CSMSegTrainer
+from csm_nnunet.trainers.csm_seg_variants import (
+    CSMSegTrainer_ConcatFusion,
+    CSMSegTrainer_FusedTokens,
+    CSMSegTrainer_LayerDecay,
+)
 
 __all__ = [
     "CSMPretrainer",
@@ -20,5 +30,11 @@ __all__ = [
     "CSMPretrainer_SamePositionMask",
     "CSMPretrainer_SeriesMaskNoRecon",
     "CSMSegTrainer",
+    "CSMSegTrainer_ConcatFusion",
+    "CSMSegTrainer_FusedTokens",
+    "CSMSegTrainer_LayerDecay",
     "MAEPretrainer",
+    "nnUNetTrainer_CSMBudget",
+    "nnUNet_Primus_B_Trainer_CSMBudget",
+    "nnUNet_Primus_S_Trainer_CSMBudget",
 ]

@@ -21,7 +21,7 @@ from torch._dynamo import OptimizedModule
 from csm_nnunet.network import get_preset
 from csm_nnunet.optim import WarmupCosineLR, adamw
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
-from csm_nnunet.segmentation import CSMSegmentationNetwork
+from csm_nnunet.segmentation import CSMSegmentationNetwork, SeriesTokenEncoder
 from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
 
 # Written into the plans.json copy in the results folder so the static network builder (used by nnUNetv2_predict,
@@ -34,7 +34,8 @@ class CSMSegTrainer(nnUNetTrainer):
 
     Class attributes: ``preset`` (CSM_PRESET), ``fusion`` ("attention" | "concat"), ``series_dropout`` (probability
     per training case of dropping 1..s-1 random series, so missing series at inference are expected), ``layer_decay``
-    (layer-wise lr decay factor, None = off), ``warmup_fraction``.
+    (layer-wise lr decay factor, None = off), ``warmup_fraction``, ``fused_tokens`` (the channel-fused-token
+    baseline, see :class:`csm_nnunet.segmentation.CSMSegmentationNetwork`).
     """
 
     preset: str = "B16"
@@ -42,6 +43,7 @@ class CSMSegTrainer(nnUNetTrainer):
     series_dropout: float = 0.2
     layer_decay: float | None = None
     warmup_fraction: float = 0.05
+    fused_tokens: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -53,6 +55,7 @@ class CSMSegTrainer(nnUNetTrainer):
         # the results folder's plans.json must describe the trained network (patch grid, preset) for inference
         plans["configurations"][configuration]["patch_size"] = list(fitted)
         plans["configurations"][configuration][PLANS_KEY] = {"preset": preset, "fusion": self.fusion,
+                                                             "fused_tokens": self.fused_tokens,
                                                              "series_names": self.series_names}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3  # paper IV.A fine-tuning
@@ -62,7 +65,8 @@ class CSMSegTrainer(nnUNetTrainer):
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size {token}; "
                                    f"using {list(fitted)} (rounded down per axis) for training and inference.")
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} fusion={self.fusion} "
-                               f"series={self.series_names} series_dropout={self.series_dropout}")
+                               f"series={self.series_names} series_dropout={self.series_dropout} "
+                               f"fused_tokens={self.fused_tokens}")
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -74,7 +78,8 @@ class CSMSegTrainer(nnUNetTrainer):
                                       preset=cfg.get("preset", read_env_overrides().get("preset", "B16")),
                                       fusion=cfg.get("fusion", "attention"),
                                       deep_supervision=enable_deep_supervision,
-                                      series_names=cfg.get("series_names"))
+                                      series_names=cfg.get("series_names"),
+                                      fused_tokens=bool(cfg.get("fused_tokens", False)))
 
     def _get_deep_supervision_scales(self):
         """Our decoder's output resolutions (full, 1/2, 1/4, ...), not the U-Net pooling of the plans. nnU-Net calls
@@ -157,7 +162,7 @@ def _route_pretrained_weights() -> None:
     def load_pretrained_weights(network, fname, verbose=False):
         mod = network.module if hasattr(network, "module") else network
         mod = mod._orig_mod if isinstance(mod, OptimizedModule) else mod
-        if isinstance(mod, CSMSegmentationNetwork):
+        if isinstance(mod, SeriesTokenEncoder):
             from csm_nnunet.adapt import load_pretrained_checkpoint
 
             return load_pretrained_checkpoint(fname, mod, mod.series_names or [], log=getattr(mod, "csm_log", print))

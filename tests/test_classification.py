@@ -1,0 +1,151 @@
+"""Classification network (pooling over present tokens) and the class-label convention / CSV import."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from csm_nnunet.adapt import adapt_encoder_state
+from csm_nnunet.class_labels import ClassLabelError, import_labels, parse_labels_csv, read_class_labels
+from csm_nnunet.classification import CSMClassificationNetwork
+from csm_nnunet.network import CSMMaskedAutoencoder
+from csm_nnunet.segmentation import is_encoder_key
+
+SERIES = ["T2w", "ADC", "DWI"]
+PATCH = (32, 32, 32)
+
+
+def make(**kw) -> CSMClassificationNetwork:
+    torch.manual_seed(0)
+    return CSMClassificationNetwork(3, 2, PATCH, "tiny", series_names=SERIES, **kw)
+
+
+def test_logits_shape_and_missing_series_are_dropped_not_zero_filled():
+    net = make().eval()
+    x = torch.randn(2, 3, *PATCH)
+    with torch.no_grad():
+        assert net(x).shape == (2, 2)
+        present = torch.tensor([[True, False, True], [True, True, True]])
+        noisy = x.clone()
+        noisy[0, 1] = 1e3  # an absent series' content must not matter
+        a, b = net(x, present), net(noisy, present)
+    assert torch.allclose(a, b, atol=1e-5)
+    # case 0 alone equals case 0 in the batch (padding is hidden from attention)
+    with torch.no_grad():
+        alone = net(x[:1], present[:1])
+    assert torch.allclose(alone, a[:1], atol=1e-5)
+    # an all-zero series is inferred absent, as in segmentation
+    zeroed = x.clone()
+    zeroed[0, 1] = 0
+    with torch.no_grad():
+        assert torch.allclose(net(zeroed)[0], a[0], atol=1e-5)
+    with pytest.raises(ValueError, match=">= 2 classes"):
+        CSMClassificationNetwork(3, 1, PATCH, "tiny")
+
+
+def test_pretrained_encoder_loads_into_the_classifier():
+    torch.manual_seed(1)
+    mae = CSMMaskedAutoencoder(SERIES, PATCH, "tiny")
+    net = make()
+    head = net.head.weight.detach().clone()
+    report = adapt_encoder_state(mae.state_dict(), mae.config(), net, SERIES)
+    net.load_state_dict(report.state_dict, strict=True)
+    ref = mae.state_dict()
+    for k, v in net.state_dict().items():
+        if is_encoder_key(k):
+            assert torch.equal(v, ref[k]), k
+    assert torch.equal(net.head.weight, head) and "head.weight" in report.fresh
+
+
+def test_classifier_learns_a_cross_series_rule():
+    """Class 1 iff the lesion region is bright in series 0 *and* dark in series 2: neither series alone decides."""
+    torch.manual_seed(0)
+    net = CSMClassificationNetwork(3, 2, (16, 16, 16), "tiny", token_size=8)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        a = torch.randint(0, 2, (n,), generator=g)
+        b = torch.randint(0, 2, (n,), generator=g)
+        x = torch.randn(n, 3, 16, 16, 16, generator=g) * 0.1
+        x[:, 0] += (a * 2 - 1).float()[:, None, None, None]
+        x[:, 2] += (b * 2 - 1).float()[:, None, None, None]
+        return x, (a * (1 - b)).long()
+
+    for _ in range(150):
+        x, y = batch(16)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = batch(64)
+    with torch.no_grad():
+        acc = (net(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.9, acc
+
+
+def test_read_class_labels_errors_name_the_field_and_the_fix():
+    cases = ["a", "b", "c"]
+    good = {"class_names": ["benign", "malignant"], "classification_labels": {"a": 0, "b": 1, "c": 1}}
+    assert read_class_labels(good, cases) == ({"a": 0, "b": 1, "c": 1}, ["benign", "malignant"])
+    with pytest.raises(ClassLabelError, match="no 'classification_labels'.*import-labels"):
+        read_class_labels({}, cases)
+    with pytest.raises(ClassLabelError, match=r"1 case\(s\) have no class label: \['c'\]"):
+        read_class_labels({**good, "classification_labels": {"a": 0, "b": 1}}, cases)
+    with pytest.raises(ClassLabelError, match="integer class ids 0..1"):
+        read_class_labels({**good, "classification_labels": {"a": 0, "b": 1, "c": "1"}}, cases)
+    with pytest.raises(ClassLabelError, match="integer class ids"):
+        read_class_labels({**good, "classification_labels": {"a": 0, "b": 1, "c": 2}}, cases)
+    with pytest.raises(ClassLabelError, match="integer class ids"):
+        read_class_labels({**good, "classification_labels": {"a": 0, "b": 1, "c": 0.5}}, cases)
+    with pytest.raises(ClassLabelError, match="every case has class 'benign'"):
+        read_class_labels({**good, "classification_labels": {"a": 0, "b": 0, "c": 0}}, cases)
+    with pytest.raises(ClassLabelError, match="two or more class names"):
+        read_class_labels({**good, "class_names": ["only"]}, cases)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels, _ = read_class_labels({**good, "classification_labels": {"a": 0, "b": 1, "c": 1, "zz": 0}}, cases)
+    assert "zz" not in labels and any("zz" in str(w.message) for w in caught)
+
+
+def _dataset(tmp_path, cases=("p_001", "p_002", "p_003")):
+    folder = tmp_path / "Dataset123_P"
+    (folder / "imagesTr").mkdir(parents=True)
+    for c in cases:
+        for ch in range(3):
+            (folder / "imagesTr" / f"{c}_{ch:04d}.nii.gz").write_bytes(b"")
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w", "1": "ADC", "2": "DWI"},
+                                                     "labels": {"background": 0, "lesion": 1},
+                                                     "file_ending": ".nii.gz", "numTraining": len(cases)}))
+    return folder
+
+
+def test_import_labels_from_csv_with_names_or_ids(tmp_path):
+    folder = _dataset(tmp_path)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("case,label\np_001,benign\np_002,malignant\np_003,malignant\n")
+    ds = import_labels(str(csv_path), str(folder), ["benign", "malignant"])
+    on_disk = json.loads((folder / "dataset.json").read_text())
+    assert on_disk["classification_labels"] == {"p_001": 0, "p_002": 1, "p_003": 1} == ds["classification_labels"]
+    assert on_disk["class_names"] == ["benign", "malignant"] and on_disk["channel_names"]["1"] == "ADC"
+    csv_path.write_text("p_001,1\np_002,0\np_003,2\n")
+    assert parse_labels_csv(str(csv_path), None) == ({"p_001": 1, "p_002": 0, "p_003": 2}, ["0", "1", "2"])
+
+
+def test_import_labels_refuses_bad_csvs_and_writes_nothing(tmp_path):
+    folder = _dataset(tmp_path)
+    before = (folder / "dataset.json").read_text()
+    csv_path = tmp_path / "labels.csv"
+    for text, match in [("p_001,benign\np_002,malignant\n", r"no class label: \['p_003'\]"),
+                        ("p_001,benign\np_002,malignant\np_003,maybe\n", "not in the class names"),
+                        ("p_001,0\np_001,1\np_003,1\n", "listed twice"),
+                        ("p_001,0\np_002,0\np_003,0\n", "every case has class"),
+                        ("p_001\n", "expected 'case,label'")]:
+        csv_path.write_text(text)
+        with pytest.raises(ClassLabelError, match=match):
+            import_labels(str(csv_path), str(folder), ["benign", "malignant"] if "benign" in text else None)
+        assert (folder / "dataset.json").read_text() == before
+    csv_path.write_text("p_001,0\np_002,1\np_003,1\np_999,0\n")
+    with pytest.warns(UserWarning, match="p_999"):
+        import_labels(str(csv_path), str(folder))

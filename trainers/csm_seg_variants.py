@@ -1,0 +1,28 @@
+"""Variants of :class:`CSMSegTrainer` for the experiments (issue #3 quality baseline, paper-style comparisons).
+
+Each is a class attribute away from the default, so a comparison changes one thing.
+"""
+
+from __future__ import annotations
+
+from csm_nnunet.trainers.csm_seg_trainer import CSMSegTrainer
+
+
+class CSMSegTrainer_FusedTokens(CSMSegTrainer):
+    """Channel-fused-token ViT with the same encoder width/depth, fusion and decoder: one token per patch carrying
+    every series as channels. The baseline that per-series tokens must match from scratch. Missing series are zeros
+    inside the token (it cannot drop them); from pretrained weights it loads only ``MAEPretrainer`` checkpoints."""
+
+    fused_tokens = True
+
+
+class CSMSegTrainer_ConcatFusion(CSMSegTrainer):
+    """Series fusion by concatenation in series order plus a projection instead of attention pooling."""
+
+    fusion = "concat"
+
+
+class CSMSegTrainer_LayerDecay(CSMSegTrainer):
+    """Layer-wise lr decay 0.75 (MAE fine-tuning practice): deeper encoder blocks move more than the stem."""
+
+    layer_decay = 0.75
