@@ -47,6 +47,7 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm": ("CSMSegTrainer", "CSMPretrainer", None),
     "mae": ("CSMSegTrainer_FusedTokens", "MAEPretrainer", None),
     "concat": ("CSMSegTrainer_ConcatFusion", None, None),
+    "csm-layerdecay": ("CSMSegTrainer_LayerDecay", "CSMPretrainer", None),
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),
     "primus-csm": ("nnUNet_Primus_S_Trainer_CSMBudget", "CSMPretrainer", "PrimusS"),
 }
@@ -55,6 +56,15 @@ REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
     "brain": {"whole tumour": (1, 2, 3), "tumour core": (2, 3), "enhancing": (2,)},
     "prostate": {"gland+lesion": (1, 2), "lesion": (2,)},
 }
+
+
+def arm_spec(arm: str) -> tuple[str, str | None, str | None] | None:
+    """``ARMS[name]`` for ``name`` or ``name@k`` (the k-th independent repeat: its own results folder, same
+    pretrained encoder); None if unknown."""
+    name, _, repeat = arm.partition("@")
+    if repeat and not (repeat.isdigit() and int(repeat) >= 2):
+        return None
+    return ARMS.get(name)
 
 
 @dataclass
@@ -154,9 +164,10 @@ def run_experiment(args: argparse.Namespace) -> dict:
     run = Runner(out, args.threads)
     t_start = time.time()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if arm_spec(a) is None]
     if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)} (append @2, @3, ... to repeat an "
+                         f"arm as an independent run)")
 
     # ---- data
     if args.dataset:
@@ -199,7 +210,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     # ---- pretraining runs needed by the arms (fold 1: every non-held-out case)
     checkpoints: dict[tuple[str, str], str] = {}
     for arm in arms:
-        trainer, pretrainer, preset = ARMS[arm]
+        trainer, pretrainer, preset = arm_spec(arm)
         if pretrainer is None:
             continue
         preset = preset or args.preset
@@ -236,7 +247,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
                     "machine": machine_description(args.threads)})
     summary.setdefault("arms", {})
     for arm in arms:
-        trainer, pretrainer, preset = ARMS[arm]
+        trainer, pretrainer, preset = arm_spec(arm)
         preset = preset or args.preset
         results = join(out, "results", arm)
         extra = {**length(args.epochs), "CSM_PRESET": preset}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from csm_nnunet.experiment import markdown, region_dice, write_splits, zero_series_copy
+from csm_nnunet.experiment import ARMS, arm_spec, markdown, region_dice, write_splits, zero_series_copy
 
 
 def _write(arr: np.ndarray, path: str, spacing=(1.5, 1.5, 1.5)) -> None:
@@ -77,3 +77,8 @@ def test_markdown_lists_every_arm_and_the_missing_series_rows():
     text = markdown(summary)
     assert "| scratch | CSMSegTrainer | - | 0.800 | 0.500 |" in text
     assert "| scratch | 0.800 | 0.700 |" in text
+
+
+def test_arm_names_and_repeats():
+    assert arm_spec("csm") == ARMS["csm"] == arm_spec("csm@2")
+    assert arm_spec("csm@1") is None and arm_spec("csm@x") is None and arm_spec("nope") is None
