@@ -305,8 +305,8 @@ def markdown(summary: dict) -> str:
     first = next(iter(arms.values()))["dice"]["complete"]
     cols = list(first)
     lines = [f"Dataset {summary['dataset']}: {len(summary['split']['labelled'])} labelled training cases, "
-             f"{len(summary['split']['val'])} held-out cases, {summary['steps']['finetune']} fine-tuning steps"
-             f" ({summary['steps']['pretrain']} pretraining steps), Dice on the held-out cases without TTA.", "",
+             f"{len(summary['split']['val'])} held-out cases, {summary['steps']['finetune']} fine-tuning steps per "
+             f"arm, mean Dice over the held-out cases (nnUNetv2_predict without TTA).", "",
              "| arm | trainer | pretrained (steps) | " + " | ".join(cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for arm, r in arms.items():
