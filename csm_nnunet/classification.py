@@ -46,9 +46,7 @@ class CSMClassificationNetwork(SeriesTokenEncoder):
 
     def pooled_features(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, D]``: the mean of the encoder's output tokens over every patch of the present series."""
-        present = self._check_inputs(x, present)
-        x = torch.where(present[:, :, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        groups = present.any(1, keepdim=True) if self.fused_tokens else present
+        x, _, groups = self._prepare_inputs(x, present)
         tokens = self.forward_encoder(x, groups, (self.preset.depth,))[0]  # [B, G, N, D], zeros at absent series
         weight = groups.to(tokens.dtype)[:, :, None, None]
         count = weight.sum(1) * self.num_patches  # [B, 1, 1]

@@ -283,6 +283,16 @@ class SeriesTokenEncoder(nn.Module):
             raise ValueError(f"case(s) {empty} of the batch have no present series; nothing to predict from")
         return present
 
+    def _prepare_inputs(self, x: torch.Tensor, present: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check ``x``/``present`` (see :meth:`_check_inputs`), zero the absent series so their content never
+        matters, and give the presence of the token groups: ``present [B, S]`` itself, or ``[B, 1]`` (any series
+        present) with fused tokens. Returns ``(x, present, groups)``."""
+        present = self._check_inputs(x, present)
+        x = torch.where(present[:, :, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        groups = present.any(1, keepdim=True) if self.fused_tokens else present
+        return x, present, groups
+
     # ---------------------------------------------------------------- forward
     def forward_encoder(self, x: torch.Tensor, present: torch.Tensor, tap_depths: Sequence[int]
                         ) -> list[torch.Tensor]:
@@ -387,9 +397,7 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         """``x [B, S, X, Y, Z]``, ``present [B, S]`` bool (default all True) -> logits ``[B, K, X, Y, Z]``, or with
         deep supervision a list of logits at full, 1/2, 1/4, ... resolution. Absent series' voxels are ignored
         (zeroed before any use), so they may hold anything."""
-        present = self._check_inputs(x, present)
-        x = torch.where(present[:, :, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        groups = present.any(1, keepdim=True) if self.fused_tokens else present
+        x, present, groups = self._prepare_inputs(x, present)
         taps = self.forward_encoder(x, groups, self.tap_depths)
         B = x.shape[0]
         maps = [fuse(tap, groups).transpose(1, 2).reshape(B, -1, *self.grid)
