@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                            "own nnUNet_Primus_*_Trainer"),
     "import-labels": ("csm_nnunet.class_labels", "write per-case class labels from a CSV (case,label) into a raw "
                                                  "dataset's dataset.json"),
+    "classify": ("csm_nnunet.classify", "class probabilities of raw cases from a CSMClassifierTrainer model folder "
+                                        "(nnU-Net preprocessing, folds averaged) -> CSV"),
     "experiment": ("csm_nnunet.experiment", "compare fine-tuning arms (nnU-Net U-Net, fused-token ViT, CSM scratch/"
                                             "pretrained, Primus) on one split and budget; Dice, missing series"),
 }

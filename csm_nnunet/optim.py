@@ -49,3 +49,28 @@ def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float] = (0.9
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+
+
+def finetune_param_groups(network: torch.nn.Module, weight_decay: float, layer_decay: float | None = None
+                          ) -> list[dict]:
+    """Parameter groups for fine-tuning a :class:`~csm_nnunet.segmentation.SeriesTokenEncoder` network with AdamW.
+
+    No weight decay on norms, biases, embeddings and tokens (MAE practice). With ``layer_decay`` (MAE fine-tuning
+    practice: the stem moves least, the head most) block ``i`` of a depth-``L`` encoder gets an ``lr_scale`` of
+    ``layer_decay ** (L - i)``, the patch/series/position embeddings ``layer_decay ** (L + 1)`` and every head
+    (fusion, decoder, classifier) 1; :class:`WarmupCosineLR` applies the scale.
+    """
+    depth = len(network.eva.blocks)
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in network.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = 0.0 if p.ndim < 2 or "embed" in name.split(".")[-1] or "token" in name else weight_decay
+        scale = 1.0
+        if layer_decay is not None:
+            if name.startswith("eva.blocks."):
+                scale = layer_decay ** (depth - int(name.split(".")[2]))
+            elif name.startswith(("patch_embed", "series_embed", "eva.pos_embed")):
+                scale = layer_decay ** (depth + 1)
+        groups.setdefault((wd, scale), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in groups.items()]

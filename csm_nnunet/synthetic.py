@@ -412,6 +412,8 @@ def make_synthetic_dataset(out_folder: str, num_cases: int = 6, kind: str = "bra
             "licence": "synthetic data, no restrictions",
             "classification_labels": classification,
             "class_names": list(CLASS_NAMES),
+            # the class is about the lesion: crops for classification centre on it (brain: every tumour label)
+            "classification_roi_labels": ["lesion"] if kind == "prostate" else ["edema", "enhancing", "necrosis"],
             "missing_series": missing,
             "csm_synthetic": {"kind": kind, "seed": int(seed), "shape": list(shape), "spacing": list(spacing),
                               "missing_series_prob": float(missing_series_prob)},

@@ -83,3 +83,20 @@ def save_trainer_checkpoint(trainer, network: torch.nn.Module, filename: str, **
         **extra,
     }
     save_checkpoint_atomically(checkpoint, filename)
+
+
+def drop_random_series(data: torch.Tensor, probability: float) -> torch.Tensor:
+    """Random series dropout for fine-tuning: each case of the batch, with ``probability``, gets 1..s-1 random
+    series set to zero. The fine-tuning networks treat an all-zero series as absent and drop its tokens, exactly as
+    they do for a missing series at inference, so training sees the missing-series cases it will meet. Returns a new
+    tensor (or ``data`` itself when nothing is dropped)."""
+    if probability <= 0 or data.shape[1] < 2:
+        return data
+    out = data
+    for b in range(data.shape[0]):
+        if torch.rand(()) < probability:
+            if out is data:
+                out = data.clone()
+            k = int(torch.randint(1, data.shape[1], ()))
+            out[b, torch.randperm(data.shape[1])[:k]] = 0
+    return out

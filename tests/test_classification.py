@@ -121,11 +121,18 @@ def _dataset(tmp_path, cases=("p_001", "p_002", "p_003")):
     return folder
 
 
-def test_import_labels_from_csv_with_names_or_ids(tmp_path):
+def test_import_labels_from_csv_with_names_or_ids(tmp_path, monkeypatch):
     folder = _dataset(tmp_path)
+    # planned already: nnUNetv2_train reads the preprocessed copy of dataset.json, which must get the labels too
+    planned = tmp_path / "preprocessed" / folder.name
+    planned.mkdir(parents=True)
+    (planned / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"}, "labels": {"background": 0}}))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("case,label\np_001,benign\np_002,malignant\np_003,malignant\n")
     ds = import_labels(str(csv_path), str(folder), ["benign", "malignant"])
+    copy = json.loads((planned / "dataset.json").read_text())
+    assert copy["classification_labels"] == {"p_001": 0, "p_002": 1, "p_003": 1} and copy["labels"] == {"background": 0}
     on_disk = json.loads((folder / "dataset.json").read_text())
     assert on_disk["classification_labels"] == {"p_001": 0, "p_002": 1, "p_003": 1} == ds["classification_labels"]
     assert on_disk["class_names"] == ["benign", "malignant"] and on_disk["channel_names"]["1"] == "ADC"
@@ -149,3 +156,108 @@ def test_import_labels_refuses_bad_csvs_and_writes_nothing(tmp_path):
     csv_path.write_text("p_001,0\np_002,1\np_003,1\np_999,0\n")
     with pytest.warns(UserWarning, match="p_999"):
         import_labels(str(csv_path), str(folder))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics, ROI crops and output files of CSMClassifierTrainer / csm_nnunet classify
+# ---------------------------------------------------------------------------------------------------------------------
+def test_metrics_agree_with_sklearn_and_hand_counts():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from csm_nnunet.classification import classification_metrics
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 40)
+    p1 = np.clip(0.3 * y + rng.uniform(0, 0.7, 40), 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    m = classification_metrics(y, probs, ["benign", "malignant"])
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p1))
+    pred = probs.argmax(1)
+    tp, fn = ((pred == 1) & (y == 1)).sum(), ((pred == 0) & (y == 1)).sum()
+    tn, fp = ((pred == 0) & (y == 0)).sum(), ((pred == 1) & (y == 0)).sum()
+    assert m["sensitivity"] == pytest.approx(tp / (tp + fn)) and m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["accuracy"] == pytest.approx((pred == y).mean())
+    assert m["n_per_class"] == {"benign": int((y == 0).sum()), "malignant": int((y == 1).sum())}
+    assert np.array(m["confusion_matrix"]).sum() == 40 and m["positive_class"] == "malignant"
+
+    three = rng.dirichlet(np.ones(3), 30)
+    y3 = np.arange(30) % 3
+    m3 = classification_metrics(y3, three, ["a", "b", "c"])
+    assert m3["auc"] == pytest.approx(roc_auc_score(y3, three, multi_class="ovr", average="macro"))
+
+
+def test_auc_undefined_for_one_class_is_reported_not_raised():
+    import numpy as np
+
+    from csm_nnunet.classification import classification_metrics
+
+    m = classification_metrics([1, 1], np.array([[0.2, 0.8], [0.6, 0.4]]), ["benign", "malignant"])
+    assert m["auc"] is None and "'malignant'" in m["auc_note"] and m["accuracy"] == 0.5
+    assert m["specificity"] is None and m["sensitivity"] == 0.5
+    with pytest.raises(ValueError, match="probabilities must be"):
+        classification_metrics([0, 1], np.ones((2, 3)) / 3, ["a", "b"])
+
+
+def test_roi_crop_is_centred_on_the_lesion_and_padded_at_borders():
+    import numpy as np
+
+    from csm_nnunet.classification import crop_around, resolve_roi_labels, roi_centre
+
+    seg = np.zeros((1, 40, 40, 40), dtype=np.int16)
+    seg[0, 30:36, 2:6, 10:14] = 2  # lesion near a border
+    seg[0, 5:15, 5:15, 5:15] = 1  # organ outline: not the ROI
+    data = np.zeros((2, 40, 40, 40), dtype=np.float32)
+    data[:, 30:36, 2:6, 10:14] = 5.0
+    centre = roi_centre((40, 40, 40), seg, [2])
+    assert centre == (33, 4, 12)
+    crop = crop_around(data, centre, (16, 16, 16))
+    assert crop.shape == (2, 16, 16, 16)
+    assert crop.sum() == data.sum()  # the whole lesion is inside, zero padding outside the image
+    assert crop[0, 8, 8, 8] == 5.0
+    assert roi_centre((40, 40, 40), None, [2]) == (20, 20, 20)
+    assert roi_centre((40, 40, 40), np.zeros_like(seg), [2]) == (20, 20, 20)
+    labels = {"labels": {"background": 0, "gland": 1, "lesion": 2}}
+    assert resolve_roi_labels(labels) == [1, 2]
+    assert resolve_roi_labels({**labels, "classification_roi_labels": ["lesion"]}) == [2]
+    with pytest.raises(ValueError, match="'tumour' is not a foreground label"):
+        resolve_roi_labels({**labels, "classification_roi_labels": ["tumour"]})
+
+
+def test_predictions_csv_round_trips():
+    import csv
+    import io
+
+    import numpy as np
+
+    from csm_nnunet.classification import predictions_csv
+
+    text = predictions_csv(["a", "b"], np.array([[0.9, 0.1], [0.25, 0.75]]), ["benign", "malignant"], [0, 0])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[1] == {"case": "b", "p_benign": "0.250000", "p_malignant": "0.750000", "predicted": "malignant",
+                       "label": "benign"}
+
+
+def test_series_dropout_never_drops_every_series():
+    from csm_nnunet.trainer_utils import drop_random_series
+
+    torch.manual_seed(0)
+    x = torch.ones(64, 4, 2, 2, 2)
+    out = drop_random_series(x, 1.0)
+    kept = (out != 0).flatten(2).any(2).sum(1)
+    assert kept.min() >= 1 and kept.max() <= 3 and torch.equal(x, torch.ones_like(x))  # input untouched
+    assert drop_random_series(x, 0.0) is x
+
+
+def test_layer_decay_scales_blocks_and_embeddings():
+    from csm_nnunet.optim import finetune_param_groups
+
+    net = make()
+    groups = finetune_param_groups(net, 0.01, 0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    depth = len(net.eva.blocks)
+    assert scale_of[id(net.eva.blocks[depth - 1].mlp.fc1.weight)] == 0.5
+    assert scale_of[id(net.patch_embed_weight)] == 0.5 ** (depth + 1)
+    assert scale_of[id(net.head.weight)] == 1.0
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd[id(net.head.weight)] == 0.01 and wd[id(net.head.bias)] == 0.0 and wd[id(net.series_embed)] == 0.0

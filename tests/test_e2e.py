@@ -249,6 +249,15 @@ def predict(env: dict[str, str], dataset_id: int, inp: Path, out: Path, fold: st
         {**env, **SEG})
 
 
+# fold 0: a one-class validation fold (brain_002 only); fold 1: both classes on each side (classes alternate by case)
+SPLITS = [{"train": ["brain_000", "brain_001", "brain_003"], "val": ["brain_002"]},
+          {"train": ["brain_000", "brain_001"], "val": ["brain_002", "brain_003"]}]
+
+
+def write_splits(env: dict[str, str]) -> None:
+    (Path(env["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" / "splits_final.json").write_text(json.dumps(SPLITS))
+
+
 @pytest.fixture(scope="module")
 def pretrained(synthetic) -> Path:
     train(synthetic, 990, "CSMPretrainer_Mask50", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1"})
@@ -259,8 +268,7 @@ def test_finetune_predict_evaluate_with_missing_series(synthetic, pretrained, tm
     """Fold 0 of a user-written split (nnU-Net's default 5-fold split needs >= 5 cases), so nnU-Net's final
     validation and nnUNetv2_find_best_configuration see a real cross-validation fold."""
     env = synthetic
-    splits = [{"train": ["brain_000", "brain_001", "brain_003"], "val": ["brain_002"]}]
-    (Path(env["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" / "splits_final.json").write_text(json.dumps(splits))
+    write_splits(env)
     train(env, 990, "CSMSegTrainer", "nnUNetCSMPlans", SEG, ("-pretrained_weights", str(pretrained)), fold="0")
     folder = fold_dir(env, "Dataset990_CSMSynth", "CSMSegTrainer", "nnUNetCSMPlans", fold="0")
     text = log_text(folder)
@@ -365,3 +373,75 @@ def test_real_mri_pretrain_finetune_predict_evaluate(real, tmp_path):
          str(folder.parent / "plans.json")], env)
     summary = json.loads((out / "summary.json").read_text())
     assert "1" in summary["mean"] and 0.0 <= summary["mean"]["1"]["Dice"] <= 1.0
+
+
+def test_classifier_train_validate_and_classify(synthetic, pretrained, tmp_path):
+    """CSMClassifierTrainer from CSM weights on fold 1 (both classes in validation) and from scratch on fold 0 (one
+    class: AUC undefined, said so); the AUC in summary.json is sklearn's on predictions.csv; ``csm_nnunet classify``
+    on raw files with the masks reproduces the validation probabilities (same nnU-Net preprocessing and crop)."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    env = synthetic
+    write_splits(env)
+    ds_name = "Dataset990_CSMSynth"
+    train(env, 990, "CSMClassifierTrainer", "nnUNetCSMPlans", None, ("-pretrained_weights", str(pretrained)),
+          fold="1")
+    folder = fold_dir(env, ds_name, "CSMClassifierTrainer", "nnUNetCSMPlans", fold="1")
+    text = log_text(folder)
+    assert "pretrained encoder adaptation" in text and "val AUC" in text, text[-3000:]
+    assert (folder / "checkpoint_best.pth").is_file() and (folder / "validation" / "roc.png").is_file()
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    rows = list(csv.DictReader((folder / "validation" / "predictions.csv").open()))
+    assert [r["case"] for r in rows] == ["brain_002", "brain_003"]
+    names = summary["class_names"]
+    y = [names.index(r["label"]) for r in rows]
+    assert sorted(y) == [0, 1] and summary["n_per_class"] == {"benign": 1, "malignant": 1}
+    assert summary["auc"] == pytest.approx(roc_auc_score(y, [float(r["p_malignant"]) for r in rows]), abs=1e-9)
+
+    train(env, 990, "CSMClassifierTrainer", "nnUNetCSMPlans", None, fold="0")
+    folder0 = fold_dir(env, ds_name, "CSMClassifierTrainer", "nnUNetCSMPlans", fold="0")
+    summary0 = json.loads((folder0 / "validation" / "summary.json").read_text())
+    assert summary0["auc"] is None and "AUC undefined" in summary0["auc_note"]
+    assert "the validation AUC is undefined" in log_text(folder0)
+
+    raw = Path(env["nnUNet_raw"]) / ds_name
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for case in ("brain_002", "brain_003"):
+        for f in (raw / "imagesTr").glob(f"{case}_*.nii.gz"):
+            shutil.copy(f, inp / f.name)
+    model = folder.parent
+    out = tmp_path / "p.csv"
+    run(["csm_nnunet", "classify", "-i", str(inp), "-o", str(out), "-m", str(model), "-f", "1", "--masks",
+         str(raw / "labelsTr")], env)
+    got = list(csv.DictReader(out.open()))
+    assert [r["case"] for r in got] == ["brain_002", "brain_003"]
+    for a, b in zip(got, rows):
+        assert float(a["p_malignant"]) == pytest.approx(float(b["p_malignant"]), abs=1e-4)
+    both = tmp_path / "both.csv"
+    run(["csm_nnunet", "classify", "-i", str(inp), "-o", str(both), "-m", str(model), "-f", "0", "1"], env)
+    for r in csv.DictReader(both.open()):
+        assert float(r["p_benign"]) + float(r["p_malignant"]) == pytest.approx(1.0, abs=1e-5)
+
+    # a missing channel file: a clear error, no CSV
+    next(inp.glob("brain_003_0002.nii.gz")).unlink()
+    bad = tmp_path / "bad.csv"
+    proc = run(["csm_nnunet", "classify", "-i", str(inp), "-o", str(bad), "-m", str(model)], env, check=False)
+    assert proc.returncode == 1 and "brain_003_0002.nii.gz" in proc.stderr and not bad.exists()
+
+
+def test_classifier_refuses_bad_labels_before_writing_anything(synthetic):
+    env = synthetic
+    ds_file = Path(env["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" / "dataset.json"
+    original = ds_file.read_text()
+    ds = json.loads(original)
+    ds["classification_labels"]["brain_001"] = "malignant"
+    try:
+        ds_file.write_text(json.dumps(ds))
+        proc = train(env, 990, "CSMClassifierTrainer_Balanced", "nnUNetCSMPlans", None, check=False, fold="0")
+    finally:
+        ds_file.write_text(original)
+    assert proc.returncode != 0 and "integer class ids" in proc.stderr and "brain_001" in proc.stderr
+    assert not fold_dir(env, "Dataset990_CSMSynth", "CSMClassifierTrainer_Balanced", "nnUNetCSMPlans").parent.exists()

@@ -19,10 +19,15 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from csm_nnunet.network import get_preset
-from csm_nnunet.optim import WarmupCosineLR, adamw
+from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.segmentation import CSMSegmentationNetwork, SeriesTokenEncoder
-from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
+from csm_nnunet.trainer_utils import (
+    channel_names_of,
+    drop_random_series,
+    fit_patch_to_tokens,
+    save_trainer_checkpoint,
+)
 
 # Written into the plans.json copy in the results folder so the static network builder (used by nnUNetv2_predict,
 # which knows only plans and configuration) rebuilds exactly the trained network.
@@ -94,41 +99,16 @@ class CSMSegTrainer(nnUNetTrainer):
         self._unwrapped().deep_supervision = enabled
 
     def configure_optimizers(self):
-        """AdamW (paper IV.A: lr 5e-3, weight decay 0.01) with warm-up and cosine decay. No weight decay on norms,
-        biases, embeddings and tokens. Optional layer-wise lr decay (MAE fine-tuning practice): block i of a depth-L
-        encoder gets ``layer_decay ** (L - i)``, the patch/series/position embeddings ``layer_decay ** (L + 1)``, the
-        fusion and decoder 1."""
-        net = self._unwrapped()
-        depth = len(net.eva.blocks)
-        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-        for name, p in net.named_parameters():
-            if not p.requires_grad:
-                continue
-            wd = 0.0 if p.ndim < 2 or "embed" in name.split(".")[-1] or "token" in name else self.weight_decay
-            scale = 1.0
-            if self.layer_decay is not None:
-                if name.startswith("eva.blocks."):
-                    scale = self.layer_decay ** (depth - int(name.split(".")[2]))
-                elif name.startswith(("patch_embed", "series_embed", "eva.pos_embed")):
-                    scale = self.layer_decay ** (depth + 1)
-            groups.setdefault((wd, scale), []).append(p)
-        optimizer = adamw([{"params": ps, "weight_decay": wd, "lr_scale": scale}
-                           for (wd, scale), ps in groups.items()], lr=self.initial_lr)
+        """AdamW (paper IV.A: lr 5e-3, weight decay 0.01) with warm-up and cosine decay; optional layer-wise lr decay
+        (see :func:`csm_nnunet.optim.finetune_param_groups`)."""
+        groups = finetune_param_groups(self._unwrapped(), self.weight_decay, self.layer_decay)
+        optimizer = adamw(groups, lr=self.initial_lr)
         warmup = int(round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
 
     def train_step(self, batch: dict) -> dict:
-        """Random series dropout: zero 1..s-1 series of some cases. The network treats an all-zero series as absent
-        and drops its tokens, exactly as it does for a missing series at inference."""
-        data = batch["data"]
-        if self.series_dropout > 0 and data.shape[1] > 1:
-            data = data.clone()
-            for b in range(data.shape[0]):
-                if torch.rand(()) < self.series_dropout:
-                    k = int(torch.randint(1, data.shape[1], ()))
-                    data[b, torch.randperm(data.shape[1])[:k]] = 0
-            batch = {**batch, "data": data}
-        return super().train_step(batch)
+        """Random series dropout (:func:`csm_nnunet.trainer_utils.drop_random_series`), then nnU-Net's step."""
+        return super().train_step({**batch, "data": drop_random_series(batch["data"], self.series_dropout)})
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically with CPU tensors (see :func:`save_trainer_checkpoint`)."""
