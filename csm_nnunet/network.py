@@ -47,7 +47,10 @@ class ViTPreset:
     decoder_depth: int
     decoder_heads: int
     primus_blocks: bool = False
-    seg_channels: int = 32  # full-resolution width of the segmentation decoder (doubles per coarser level)
+    # full-resolution width of the segmentation decoder (doubles per coarser level). 16 is UNETR's feature size; at 32
+    # (nnU-Net's U-Net width) the full-resolution stage alone took 43 % of a B16 window and inference ran 1.25x the
+    # U-Net's time (docs/benchmarks.md); at 16 the whole network runs below the U-Net's time.
+    seg_channels: int = 16
 
 
 PRESETS: dict[str, ViTPreset] = {

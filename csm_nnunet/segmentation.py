@@ -343,7 +343,7 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         deep_supervision: return logits of every decoder level (highest resolution first), nnU-Net style.
         series_names: optional channel names (documentation for adaptation; checked to be unique, length ``S``).
         base_channels: decoder width at full resolution (doubled per coarser level, capped at 320); default: the
-            preset's ``seg_channels`` (32, nnU-Net's; 8 for ``tiny`` so CPU tests and demos stay fast).
+            preset's ``seg_channels`` (16, UNETR's feature size; 8 for ``tiny`` so CPU tests and demos stay fast).
         fused_tokens: the channel-fused baseline: one token per patch carrying all series as channels (one
             projection ``[1, D, S*t^3]``), everything else identical. It cannot drop an absent series (its channels
             are zeros inside the token, the paper's zero-padding); it exists so the series tokens are compared

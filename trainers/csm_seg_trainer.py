@@ -61,7 +61,8 @@ class CSMSegTrainer(nnUNetTrainer):
         plans["configurations"][configuration]["patch_size"] = list(fitted)
         plans["configurations"][configuration][PLANS_KEY] = {"preset": preset, "fusion": self.fusion,
                                                              "fused_tokens": self.fused_tokens,
-                                                             "series_names": self.series_names}
+                                                             "series_names": self.series_names,
+                                                             "base_channels": get_preset(preset).seg_channels}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3  # paper IV.A fine-tuning
         self.weight_decay = 0.01
@@ -84,7 +85,8 @@ class CSMSegTrainer(nnUNetTrainer):
                                       fusion=cfg.get("fusion", "attention"),
                                       deep_supervision=enable_deep_supervision,
                                       series_names=cfg.get("series_names"),
-                                      fused_tokens=bool(cfg.get("fused_tokens", False)))
+                                      fused_tokens=bool(cfg.get("fused_tokens", False)),
+                                      base_channels=cfg.get("base_channels"))
 
     def _get_deep_supervision_scales(self):
         """Our decoder's output resolutions (full, 1/2, 1/4, ...), not the U-Net pooling of the plans. nnU-Net calls
