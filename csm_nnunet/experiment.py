@@ -1,6 +1,7 @@
-"""``csm_nnunet experiment seg``: segmentation quality of the fine-tuning networks, through nnU-Net's console scripts.
+"""``csm_nnunet experiment seg|cls``: fine-tuning quality of the arms, through nnU-Net's console scripts.
 
-One command runs the comparison the issues ask for, on one split and one training budget for every arm:
+One command runs the comparison the issues ask for, on one split and one training budget for every arm. ``seg``
+arms:
 
 * ``nnunet``   nnU-Net's default U-Net (``nnUNetTrainer``, only shortened: ``nnUNetTrainer_CSMBudget``);
 * ``fused``    a channel-fused-token ViT of the same width/depth with our fusion and decoder
@@ -16,6 +17,11 @@ Every step is a real entry point in a subprocess (``nnUNetv2_plan_and_preprocess
 predictions of the held-out cases, for each label and for the label regions of the dataset (brain: whole tumour,
 tumour core, enhancing). With ``--missing`` every arm also predicts the held-out cases once per series with that
 series replaced by an all-zero image (the package's missing-series convention) and reports the Dice drop.
+
+``cls`` arms (``CLS_ARMS``): ``scratch`` / ``csm`` (``CSMClassifierTrainer`` without / with a CSM encoder),
+``fused`` / ``mae`` (the channel-fused-token classifier from scratch / from ``MAEPretrainer``), ``csm-layerdecay``.
+The held-out cases are classified with ``csm_nnunet classify`` and scored (AUC, accuracy, sensitivity, specificity)
+against dataset.json's labels; ``--missing`` repeats that per zeroed series. Results: ``results_cls.json/.md``.
 
 Split (written to ``splits_final.json`` before training): ``--val`` held-out cases; fold 0 trains on ``--labelled``
 of the others (fine-tuning), fold 1 on all of the others (pretraining: unlabelled images may include cases without
@@ -58,13 +64,24 @@ REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
 }
 
 
-def arm_spec(arm: str) -> tuple[str, str | None, str | None] | None:
-    """``ARMS[name]`` for ``name`` or ``name@k`` (the k-th independent repeat: its own results folder, same
-    pretrained encoder); None if unknown."""
+#: classification arms (``experiment cls``): the same roles with CSMClassifierTrainer and its variants
+CLS_ARMS: dict[str, tuple[str, str | None, str | None]] = {
+    "scratch": ("CSMClassifierTrainer", None, None),
+    "csm": ("CSMClassifierTrainer", "CSMPretrainer", None),
+    "fused": ("CSMClassifierTrainer_FusedTokens", None, None),
+    "mae": ("CSMClassifierTrainer_FusedTokens", "MAEPretrainer", None),
+    "csm-layerdecay": ("CSMClassifierTrainer_LayerDecay", "CSMPretrainer", None),
+}
+STUDY_ARMS = {"seg": ARMS, "cls": CLS_ARMS}
+
+
+def arm_spec(arm: str, study: str = "seg") -> tuple[str, str | None, str | None] | None:
+    """``ARMS[name]`` (``CLS_ARMS`` for ``study="cls"``) for ``name`` or ``name@k`` (the k-th independent repeat: its
+    own results folder, same pretrained encoder); None if unknown."""
     name, _, repeat = arm.partition("@")
     if repeat and not (repeat.isdigit() and int(repeat) >= 2):
         return None
-    return ARMS.get(name)
+    return STUDY_ARMS[study].get(name)
 
 
 @dataclass
@@ -157,17 +174,95 @@ def region_dice(labels_dir: str, pred_dir: str, labels: dict[str, int], regions:
     return out
 
 
-def run_experiment(args: argparse.Namespace) -> dict:
+@dataclass
+class Context:
+    """What every study shares: folders, the dataset, the split, the pretrained checkpoints, timings."""
+
+    args: argparse.Namespace
+    out: str
+    run: Runner
+    name: str
+    dataset_id: int
+    ds: dict
+    file_ending: str
+    split: dict[str, list[str]]
+    steps: dict[str, int]
+    arms: list[str]
+    checkpoints: dict[tuple[str, str], str]
+    timings: dict[str, float]
+    t_start: float
+
+    def length(self, epochs: int) -> dict[str, str]:
+        return {"CSM_NUM_EPOCHS": str(epochs), "CSM_ITERS_PER_EPOCH": str(self.args.iters), "CSM_VAL_ITERS": "2"}
+
+    def train_arm(self, arm: str, trainer: str, pretrainer: str | None, preset: str) -> tuple[str, dict]:
+        """Fine-tune one arm on fold 0 (skipped when its checkpoint_final exists); returns its results folder and
+        the results-json stub."""
+        results = join(self.out, "results", arm if self.args.study == "seg" else f"cls_{arm}")
+        extra = {**self.length(self.args.epochs), "CSM_PRESET": preset}
+        fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", "fold_0")
+        if not isfile(join(fold_dir, "checkpoint_final.pth")):
+            cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"]
+            if pretrainer is not None:
+                weights = self.checkpoints[(pretrainer, preset)]
+                if trainer.startswith("nnUNet_Primus"):
+                    exported = join(self.out, "results", f"export_{arm}.pth")
+                    self.run(["csm_nnunet", "export-primus", weights, "--trainer", trainer, "-d",
+                              str(self.dataset_id), "-c", CONFIG, "-p", PLANS, "-o", exported], results, extra,
+                             f"export_{arm}")
+                    weights = exported
+                cmd += ["-pretrained_weights", weights]
+            self.timings[f"train {arm}"] = self.run(cmd, results, extra, f"train_{arm}")
+        res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
+            ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"]}
+        if pretrainer is not None:
+            record = join(os.path.dirname(self.checkpoints[(pretrainer, preset)]), "csm_experiment_steps.json")
+            res["pretrain_steps"] = json.load(open(record))["steps"] if isfile(record) else None
+        return results, res
+
+    def missing_inputs(self) -> dict[str, str]:
+        """Held-out images as given, and (``--missing``) once per series with that series all zero."""
+        variants: list[tuple[str, int | None]] = [("complete", None)]
+        if self.args.missing:
+            variants += [(f"without {self.ds['channel_names'][str(c)]}", c)
+                         for c in range(len(self.ds["channel_names"]))]
+        images = join(self.out, "raw", self.name, "imagesTr")
+        folders = {}
+        for label, channel in variants:
+            folder = join(self.out, "inputs", label.replace(" ", "_"))
+            if not isdir(folder):
+                zero_series_copy(images, folder + ".tmp", self.split["val"], channel, self.file_ending)
+                os.replace(folder + ".tmp", folder)
+            folders[label] = folder
+        return folders
+
+    def summary(self, results_json: str) -> dict:
+        a = self.args
+        summary: dict = json.load(open(results_json)) if isfile(results_json) and a.resume else {}
+        summary.update({"study": a.study, "dataset": self.name, "split": self.split, "steps": self.steps,
+                        "batch": "from the plans", "preset": a.preset, "machine": machine_description(a.threads)})
+        summary.setdefault("arms", {})
+        return summary
+
+    def finish(self, summary: dict, results_json: str, md: str) -> None:
+        summary["timings_s"] = {**summary.get("timings_s", {}), **{k: round(v, 1) for k, v in self.timings.items()}}
+        summary["wall_s"] = round(time.time() - self.t_start, 1)
+        _write_atomically(results_json, json.dumps(summary, indent=1))
+        _write_atomically(join(self.out, md), markdown(summary))
+
+
+def prepare(args: argparse.Namespace) -> Context:
+    """Data, plans, split and the pretraining runs the arms need (each step skipped when its output exists)."""
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     raw, pre = join(out, "raw"), join(out, "preprocessed")
     run = Runner(out, args.threads)
     t_start = time.time()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if arm_spec(a) is None]
+    unknown = [a for a in arms if arm_spec(a, args.study) is None]
     if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)} (append @2, @3, ... to repeat an "
-                         f"arm as an independent run)")
+        raise ValueError(f"unknown {args.study} arm(s) {unknown}; choose from {sorted(STUDY_ARMS[args.study])} "
+                         f"(append @2, @3, ... to repeat an arm as an independent run)")
 
     # ---- data
     if args.dataset:
@@ -176,20 +271,22 @@ def run_experiment(args: argparse.Namespace) -> dict:
         if not isdir(src) or not name.startswith("Dataset"):
             raise FileNotFoundError(f"--dataset {args.dataset!r} must be a raw nnU-Net dataset folder DatasetXXX_Name")
         dataset_id = int(name[7:10])
-        if not isdir(join(raw, name)):
-            shutil.copytree(src, join(raw, name))
     else:
-        from csm_nnunet.synthetic import make_synthetic_dataset
-
         dataset_id, name = 901, f"Dataset901_CSMExp{args.kind.capitalize()}"
-        if not isdir(join(raw, name)):
+    others = [d for d in (os.listdir(raw) if isdir(raw) else []) if d.startswith(f"Dataset{dataset_id:03d}_")
+              and d != name]
+    if others:
+        raise ValueError(f"{raw} already holds {others[0]} with the same dataset id: use one --out folder per dataset")
+    if not isdir(join(raw, name)):
+        if args.dataset:
+            shutil.copytree(src, join(raw, name))
+        else:
+            from csm_nnunet.synthetic import make_synthetic_dataset
+
             make_synthetic_dataset(join(raw, name), num_cases=args.cases, kind=args.kind, shape=(args.shape,) * 3,
                                    seed=args.data_seed)
     with open(join(raw, name, "dataset.json")) as f:
         ds = json.load(f)
-    kind = args.kind if not args.dataset else ("brain" if {"1", "2", "3"} <= {str(v) for v in ds["labels"].values()}
-                                               and len(ds["labels"]) == 4 else "")
-    regions = REGIONS.get(kind, {})
     file_ending = ds["file_ending"]
     cases = sorted({f[: -len(file_ending)] for f in os.listdir(join(raw, name, "labelsTr"))
                     if f.endswith(file_ending)})
@@ -201,88 +298,106 @@ def run_experiment(args: argparse.Namespace) -> dict:
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-c", CONFIG,
              "-np", "1", "-npfp", "1"], join(out, "results", "_plan"), {"nnUNet_n_proc_DA": "1"}, "plan")
     split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed)
-
     steps = {"pretrain": args.pretrain_epochs * args.iters, "finetune": args.epochs * args.iters}
-
-    def length(epochs: int) -> dict[str, str]:
-        return {"CSM_NUM_EPOCHS": str(epochs), "CSM_ITERS_PER_EPOCH": str(args.iters), "CSM_VAL_ITERS": "2"}
+    ctx = Context(args, out, run, name, dataset_id, ds, file_ending, split, steps, arms, {}, timings, t_start)
 
     # ---- pretraining runs needed by the arms (fold 1: every non-held-out case)
-    checkpoints: dict[tuple[str, str], str] = {}
     for arm in arms:
-        trainer, pretrainer, preset = arm_spec(arm)
+        trainer, pretrainer, preset = arm_spec(arm, args.study)
         if pretrainer is None:
             continue
         preset = preset or args.preset
         key = (pretrainer, preset)
-        if key in checkpoints:
+        if key in ctx.checkpoints:
             continue
         results = join(out, "results", f"pretrain_{pretrainer}_{preset}")
         ckpt = join(results, name, f"{pretrainer}__{PLANS}__{CONFIG}", "fold_1", "checkpoint_final.pth")
         if not isfile(ckpt):
             timings[f"pretrain {pretrainer} {preset}"] = run(
                 ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device", "cpu"],
-                results, {**length(args.pretrain_epochs), "CSM_PRESET": preset}, f"pretrain_{pretrainer}_{preset}")
+                results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset}, f"pretrain_{pretrainer}_{preset}")
             _write_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
                               json.dumps({"steps": steps["pretrain"]}))
-        checkpoints[key] = ckpt
+        ctx.checkpoints[key] = ckpt
+    return ctx
 
-    # ---- fine-tuning arms (fold 0), prediction of the held-out cases, Dice
-    labels_dir = join(raw, name, "labelsTr")
-    val_images = {}
-    variants: list[tuple[str, int | None]] = [("complete", None)]
-    if args.missing:
-        variants += [(f"without {ds['channel_names'][str(c)]}", c) for c in range(len(ds["channel_names"]))]
-    for label, channel in variants:
-        folder = join(out, "inputs", label.replace(" ", "_"))
-        if not isdir(folder):
-            zero_series_copy(join(raw, name, "imagesTr"), folder + ".tmp", split["val"], channel, file_ending)
-            os.replace(folder + ".tmp", folder)
-        val_images[label] = folder
 
-    results_json = join(out, "results.json")
-    summary: dict = json.load(open(results_json)) if isfile(results_json) and args.resume else {}
-    summary.update({"dataset": name, "split": split, "steps": steps, "batch": "from the plans",
-                    "preset": args.preset, "regions": {k: list(v) for k, v in regions.items()},
-                    "machine": machine_description(args.threads)})
-    summary.setdefault("arms", {})
-    for arm in arms:
+def run_segmentation(ctx: Context) -> dict:
+    """Fine-tune the segmentation arms, predict the held-out cases with nnUNetv2_predict, Dice per label/region."""
+    args, ds, name = ctx.args, ctx.ds, ctx.name
+    kind = args.kind if not args.dataset else ("brain" if {"1", "2", "3"} <= {str(v) for v in ds["labels"].values()}
+                                               and len(ds["labels"]) == 4 else "")
+    regions = REGIONS.get(kind, {})
+    labels_dir = join(ctx.out, "raw", name, "labelsTr")
+    val_images = ctx.missing_inputs()
+    results_json = join(ctx.out, "results.json")
+    summary = ctx.summary(results_json)
+    summary["regions"] = {k: list(v) for k, v in regions.items()}
+    for arm in ctx.arms:
         trainer, pretrainer, preset = arm_spec(arm)
         preset = preset or args.preset
-        results = join(out, "results", arm)
-        extra = {**length(args.epochs), "CSM_PRESET": preset}
-        fold_dir = join(results, name, f"{trainer}__{PLANS}__{CONFIG}", "fold_0")
-        if not isfile(join(fold_dir, "checkpoint_final.pth")):
-            cmd = ["nnUNetv2_train", str(dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"]
-            if pretrainer is not None:
-                weights = checkpoints[(pretrainer, preset)]
-                if trainer.startswith("nnUNet_Primus"):
-                    exported = join(out, "results", f"export_{arm}.pth")
-                    run(["csm_nnunet", "export-primus", weights, "--trainer", trainer, "-d", str(dataset_id),
-                         "-c", CONFIG, "-p", PLANS, "-o", exported], results, extra, f"export_{arm}")
-                    weights = exported
-                cmd += ["-pretrained_weights", weights]
-            timings[f"train {arm}"] = run(cmd, results, extra, f"train_{arm}")
-        arm_res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
-            ("CSM", "nnUNet_Primus")) else None, "finetune_steps": steps["finetune"], "dice": {}}
-        if pretrainer is not None:
-            record = join(os.path.dirname(checkpoints[(pretrainer, preset)]), "csm_experiment_steps.json")
-            arm_res["pretrain_steps"] = json.load(open(record))["steps"] if isfile(record) else None
+        results, arm_res = ctx.train_arm(arm, trainer, pretrainer, preset)
+        arm_res["dice"] = {}
         for label, folder in val_images.items():
-            pred = join(out, "predictions", arm, label.replace(" ", "_"))
-            if not isdir(pred) or not any(f.endswith(file_ending) for f in os.listdir(pred)):
-                timings[f"predict {arm} {label}"] = run(
-                    ["nnUNetv2_predict", "-d", str(dataset_id), "-c", CONFIG, "-f", "0", "-tr", trainer, "-p", PLANS,
-                     "-i", folder, "-o", pred, "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1"],
-                    results, extra, f"predict_{arm}")
-            arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, file_ending)
+            pred = join(ctx.out, "predictions", arm, label.replace(" ", "_"))
+            if not isdir(pred) or not any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
+                ctx.timings[f"predict {arm} {label}"] = ctx.run(
+                    ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", "0", "-tr", trainer, "-p",
+                     PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1"],
+                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}")
+            arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
         _write_atomically(results_json, json.dumps(summary, indent=1))
-    summary["timings_s"] = {**summary.get("timings_s", {}), **{k: round(v, 1) for k, v in timings.items()}}
-    summary["wall_s"] = round(time.time() - t_start, 1)
-    _write_atomically(results_json, json.dumps(summary, indent=1))
-    _write_atomically(join(out, "results.md"), markdown(summary))
+    ctx.finish(summary, results_json, "results.md")
     return summary
+
+
+def run_classification(ctx: Context) -> dict:
+    """Fine-tune the classification arms, classify the held-out cases with ``csm_nnunet classify`` (checkpoint_final,
+    crops centred on the labelsTr ROI), AUC/accuracy/sensitivity/specificity against dataset.json's labels.
+
+    Fold 0's validation cases are the held-out cases, so ``checkpoint_best`` (chosen by validation AUC) would be
+    chosen on the test set; the runner therefore scores ``checkpoint_final`` only."""
+    from csm_nnunet.class_labels import read_class_labels
+    from csm_nnunet.classification import classification_metrics
+
+    args = ctx.args
+    truth, class_names = read_class_labels(ctx.ds, ctx.split["val"])
+    inputs = ctx.missing_inputs()
+    results_json = join(ctx.out, "results_cls.json")
+    summary = ctx.summary(results_json)
+    for arm in ctx.arms:
+        trainer, pretrainer, preset = arm_spec(arm, "cls")
+        preset = preset or args.preset
+        results, arm_res = ctx.train_arm(arm, trainer, pretrainer, preset)
+        model = join(results, ctx.name, f"{trainer}__{PLANS}__{CONFIG}")
+        arm_res["metrics"] = {}
+        for label, folder in inputs.items():
+            csv_path = join(ctx.out, "predictions", f"cls_{arm}", label.replace(" ", "_") + ".csv")
+            os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+            if not isfile(csv_path):
+                ctx.timings[f"classify {arm} {label}"] = ctx.run(
+                    ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", "0", "--masks",
+                     join(ctx.out, "raw", ctx.name, "labelsTr")], results, {"CSM_PRESET": preset}, f"classify_{arm}")
+            cases, probs = _read_probabilities(csv_path, class_names)
+            arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
+        summary["arms"][arm] = arm_res
+        _write_atomically(results_json, json.dumps(summary, indent=1))
+    ctx.finish(summary, results_json, "results_cls.md")
+    return summary
+
+
+def _read_probabilities(csv_path: str, class_names: list[str]) -> tuple[list[str], np.ndarray]:
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r["case"] for r in rows], np.array([[float(r[f"p_{n}"]) for n in class_names] for r in rows])
+
+
+def run_experiment(args: argparse.Namespace) -> dict:
+    ctx = prepare(args)
+    return run_segmentation(ctx) if args.study == "seg" else run_classification(ctx)
 
 
 def machine_description(threads: int) -> dict:
@@ -302,6 +417,8 @@ def markdown(summary: dict) -> str:
     arms = summary["arms"]
     if not arms:
         return "no arm finished\n"
+    if summary.get("study") == "cls":
+        return _markdown_cls(summary)
     first = next(iter(arms.values()))["dice"]["complete"]
     cols = list(first)
     lines = [f"Dataset {summary['dataset']}: {len(summary['split']['labelled'])} labelled training cases, "
@@ -329,6 +446,37 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _markdown_cls(summary: dict) -> str:
+    arms = summary["arms"]
+    n = len(summary["split"]["val"])
+    lines = [f"Dataset {summary['dataset']}: {len(summary['split']['labelled'])} labelled training cases, {n} held-out "
+             f"cases, {summary['steps']['finetune']} fine-tuning steps per arm; held-out cases classified by "
+             f"`csm_nnunet classify` (checkpoint_final, crop centred on the labelsTr ROI).", "",
+             "| arm | trainer | pretrained (steps) | AUC | accuracy | sensitivity | specificity |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, r in arms.items():
+        m = r["metrics"]["complete"]
+        pre = "-" if not r["pretrained"] else f"{r['pretrained']} ({r.get('pretrain_steps') or '?'})"
+        lines.append(f"| {arm} | {r['trainer']} | {pre} | {_fmt(m['auc'])} | {_fmt(m['accuracy'])} | "
+                     f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |")
+    missing = [k for k in next(iter(arms.values()))["metrics"] if k != "complete"]
+    if missing:
+        lines += ["", "Missing series at inference (AUC; the series replaced by an all-zero image):", "",
+                  "| arm | complete | " + " | ".join(missing) + " |", "|---|---|" + "---|" * len(missing)]
+        for arm, r in arms.items():
+            if all(k in r["metrics"] for k in missing):
+                lines.append(f"| {arm} | {_fmt(r['metrics']['complete']['auc'])} | "
+                             + " | ".join(_fmt(r["metrics"][k]["auc"]) for k in missing) + " |")
+    m = summary.get("machine", {})
+    lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
+              f"{m.get('torch')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
+    return "\n".join(lines) + "\n"
+
+
 def _write_atomically(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -337,18 +485,23 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", choices=["seg"], help="seg: segmentation quality and missing-series robustness")
-    parser.add_argument("--out", required=True, help="work folder (nnU-Net raw/preprocessed/results live inside)")
-    parser.add_argument("--arms", default="nnunet,fused,scratch,csm",
-                        help=f"comma-separated arms from {', '.join(ARMS)} (default: nnunet,fused,scratch,csm)")
+    parser.add_argument("study", choices=["seg", "cls"],
+                        help="seg: segmentation Dice and missing-series robustness; cls: classification AUC")
+    parser.add_argument("--out", required=True, help="work folder (nnU-Net raw/preprocessed/results live inside); "
+                                                     "one per dataset")
+    parser.add_argument("--arms", default=None,
+                        help=f"comma-separated arms; seg: {', '.join(ARMS)} (default nnunet,fused,scratch,csm); "
+                             f"cls: {', '.join(CLS_ARMS)} (default scratch,csm,fused,mae)")
     parser.add_argument("--dataset", help="a raw nnU-Net dataset folder to use instead of synthetic data")
-    parser.add_argument("--kind", default="brain", choices=sorted(REGIONS), help="synthetic data kind")
-    parser.add_argument("--cases", type=int, default=24, help="synthetic cases (default 24)")
+    parser.add_argument("--kind", default=None, choices=sorted(REGIONS),
+                        help="synthetic data kind (default: brain for seg, prostate for cls)")
+    parser.add_argument("--cases", type=int, default=None, help="synthetic cases (default 24 for seg, 48 for cls)")
     parser.add_argument("--shape", type=int, default=48, help="synthetic image edge in voxels (default 48)")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--val", type=int, default=8, help="held-out cases (default 8)")
-    parser.add_argument("--labelled", type=int, default=8, help="labelled fine-tuning cases (default 8)")
+    parser.add_argument("--val", type=int, default=None, help="held-out cases (default 8 for seg, 16 for cls)")
+    parser.add_argument("--labelled", type=int, default=None,
+                        help="labelled fine-tuning cases (default 8 for seg, 16 for cls)")
     parser.add_argument("--preset", default="small8", help="ViT preset of the CSM arms (default small8)")
     parser.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs (default 15)")
     parser.add_argument("--pretrain-epochs", type=int, default=50, help="pretraining epochs (default 50)")
@@ -358,12 +511,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="keep arms already in results.json")
 
 
+STUDY_DEFAULTS = {"seg": {"arms": "nnunet,fused,scratch,csm", "kind": "brain", "cases": 24, "val": 8, "labelled": 8},
+                  "cls": {"arms": "scratch,csm,fused,mae", "kind": "prostate", "cases": 48, "val": 16,
+                          "labelled": 16}}
+
+
 def run(args: argparse.Namespace) -> int:
+    for key, value in STUDY_DEFAULTS[args.study].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
         summary = run_experiment(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"csm_nnunet experiment: error: {e}", file=sys.stderr)
         return 1
     print(markdown(summary))
-    print(f"results: {join(os.path.abspath(args.out), 'results.json')}")
+    print(f"results: {join(os.path.abspath(args.out), 'results.json' if args.study == 'seg' else 'results_cls.json')}")
     return 0

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from csm_nnunet.experiment import ARMS, arm_spec, markdown, region_dice, write_splits, zero_series_copy
+from csm_nnunet.experiment import (
+    ARMS,
+    CLS_ARMS,
+    _read_probabilities,
+    arm_spec,
+    markdown,
+    region_dice,
+    write_splits,
+    zero_series_copy,
+)
 
 
 def _write(arr: np.ndarray, path: str, spacing=(1.5, 1.5, 1.5)) -> None:
@@ -82,3 +91,23 @@ def test_markdown_lists_every_arm_and_the_missing_series_rows():
 def test_arm_names_and_repeats():
     assert arm_spec("csm") == ARMS["csm"] == arm_spec("csm@2")
     assert arm_spec("csm@1") is None and arm_spec("csm@x") is None and arm_spec("nope") is None
+    assert arm_spec("mae@3", "cls") == CLS_ARMS["mae"] and arm_spec("nnunet", "cls") is None
+
+
+def test_classification_table_and_probability_csv(tmp_path):
+    from csm_nnunet.classification import classification_metrics, predictions_csv
+
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    path = tmp_path / "p.csv"
+    path.write_text(predictions_csv(["c", "a", "b"], probs, ["benign", "malignant"]))
+    cases, read = _read_probabilities(str(path), ["benign", "malignant"])
+    assert cases == ["c", "a", "b"] and np.allclose(read, probs)
+    m = classification_metrics([0, 1, 1], read, ["benign", "malignant"])
+    one_class = classification_metrics([1, 1, 1], read, ["benign", "malignant"])
+    summary = {"study": "cls", "dataset": "D", "split": {"labelled": ["x"] * 4, "val": ["y"] * 3},
+               "steps": {"finetune": 100}, "machine": {}, "wall_s": 60,
+               "arms": {"csm": {"trainer": "CSMClassifierTrainer", "pretrained": "CSMPretrainer",
+                                "pretrain_steps": 500, "metrics": {"complete": m, "without ADC": one_class}}}}
+    text = markdown(summary)
+    assert "| csm | CSMClassifierTrainer | CSMPretrainer (500) | 1.000 | 0.667 | 0.500 | 1.000 |" in text
+    assert "| csm | 1.000 | n/a |" in text

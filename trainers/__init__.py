@@ -6,7 +6,12 @@ from csm_nnunet.trainers.budget import (
     nnUNet_Primus_S_Trainer_CSMBudget,
     nnUNetTrainer_CSMBudget,
 )
-from csm_nnunet.trainers.csm_classifier_trainer import CSMClassifierTrainer, CSMClassifierTrainer_Balanced
+from csm_nnunet.trainers.csm_classifier_trainer import (
+    CSMClassifierTrainer,
+    CSMClassifierTrainer_Balanced,
+    CSMClassifierTrainer_FusedTokens,
+    CSMClassifierTrainer_LayerDecay,
+)
 from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
 from csm_nnunet.trainers.csm_pretrainer_ablations import (
     CSMPretrainer_Mask50,
@@ -26,6 +31,8 @@ from csm_nnunet.trainers.csm_seg_variants import (
 __all__ = [
     "CSMClassifierTrainer",
     "CSMClassifierTrainer_Balanced",
+    "CSMClassifierTrainer_FusedTokens",
+    "CSMClassifierTrainer_LayerDecay",
     "CSMPretrainer",
     "CSMPretrainer_Mask50",
     "CSMPretrainer_NoSeriesMask",

@@ -89,7 +89,8 @@ class CSMClassifierTrainer(nnUNetTrainer):
     """Series-tokenized ViT encoder (scratch or ``-pretrained_weights``) + masked mean pooling + linear head.
 
     Class attributes: ``preset`` (CSM_PRESET), ``class_balanced`` (class-weighted cross-entropy), ``series_dropout``,
-    ``layer_decay`` (None = off), ``head_dropout``, ``warmup_fraction``.
+    ``layer_decay`` (None = off), ``head_dropout``, ``warmup_fraction``, ``fused_tokens`` (the channel-fused-token
+    baseline of :class:`csm_nnunet.segmentation.SeriesTokenEncoder`).
     """
 
     preset: str = "B16"
@@ -98,6 +99,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
     layer_decay: float | None = None
     head_dropout: float = 0.0
     warmup_fraction: float = 0.05
+    fused_tokens: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -118,7 +120,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         plans["configurations"][configuration]["patch_size"] = list(fitted)
         plans["configurations"][configuration][PLANS_KEY] = {
             "preset": preset, "series_names": self.series_names, "class_names": self.class_names,
-            "roi_labels": self.roi_labels, "head_dropout": self.head_dropout}
+            "roi_labels": self.roi_labels, "head_dropout": self.head_dropout, "fused_tokens": self.fused_tokens}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3  # paper IV.A: fine-tuning for all tasks
         self.weight_decay = 0.01
@@ -129,7 +131,8 @@ class CSMClassifierTrainer(nnUNetTrainer):
         counts = {n: sum(v == i for v in self.class_labels.values()) for i, n in enumerate(self.class_names)}
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} series="
                                f"{self.series_names} classes={counts} roi_labels={self.roi_labels} crop={list(fitted)}"
-                               f" class_balanced={self.class_balanced} series_dropout={self.series_dropout}")
+                               f" class_balanced={self.class_balanced} series_dropout={self.series_dropout} "
+                               f"fused_tokens={self.fused_tokens}")
         self._val_keys: list[str] | None = None
 
     # ---------------------------------------------------------------- network, loss, optimiser
@@ -145,6 +148,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
                              f"CSMClassifierTrainer (use the results folder's own plans.json)")
         return CSMClassificationNetwork(num_input_channels, len(cfg["class_names"]), configuration_manager.patch_size,
                                         preset=cfg["preset"], series_names=cfg["series_names"],
+                                        fused_tokens=bool(cfg.get("fused_tokens", False)),
                                         dropout=float(cfg.get("head_dropout", 0.0)))
 
     def _unwrapped(self) -> CSMClassificationNetwork:
@@ -345,3 +349,16 @@ class CSMClassifierTrainer_Balanced(CSMClassifierTrainer):
     """Class-weighted cross-entropy (weights inversely proportional to the training fold's class counts)."""
 
     class_balanced = True
+
+
+class CSMClassifierTrainer_FusedTokens(CSMClassifierTrainer):
+    """The same classifier on channel-fused tokens (one token per patch, all series as channels): the baseline for
+    per-series tokens; from pretrained weights it loads only ``MAEPretrainer`` checkpoints."""
+
+    fused_tokens = True
+
+
+class CSMClassifierTrainer_LayerDecay(CSMClassifierTrainer):
+    """Layer-wise lr decay 0.75 (MAE fine-tuning practice)."""
+
+    layer_decay = 0.75
