@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                  "dataset's dataset.json"),
     "classify": ("csm_nnunet.classify", "class probabilities of raw cases from a CSMClassifierTrainer model folder "
                                         "(nnU-Net preprocessing, folds averaged) -> CSV"),
+    "reconstruct": ("csm_nnunet.reconstruct", "synthesise hidden or missing series of a case with a CSM pretraining "
+                                              "model (sliding window, written on the input's grid)"),
     "experiment": ("csm_nnunet.experiment", "compare fine-tuning arms (nnU-Net U-Net, fused-token ViT, CSM scratch/"
                                             "pretrained, Primus) on one split and budget; Dice, missing series"),
 }

@@ -249,9 +249,11 @@ def predict(env: dict[str, str], dataset_id: int, inp: Path, out: Path, fold: st
         {**env, **SEG})
 
 
-# fold 0: a one-class validation fold (brain_002 only); fold 1: both classes on each side (classes alternate by case)
+# fold 0: a one-class validation fold (brain_002 only); fold 1: both classes on each side (classes alternate by case);
+# fold 2: a one-class training fold (an error for the classifier)
 SPLITS = [{"train": ["brain_000", "brain_001", "brain_003"], "val": ["brain_002"]},
-          {"train": ["brain_000", "brain_001"], "val": ["brain_002", "brain_003"]}]
+          {"train": ["brain_000", "brain_001"], "val": ["brain_002", "brain_003"]},
+          {"train": ["brain_000"], "val": ["brain_001", "brain_002", "brain_003"]}]
 
 
 def write_splits(env: dict[str, str]) -> None:
@@ -445,3 +447,42 @@ def test_classifier_refuses_bad_labels_before_writing_anything(synthetic):
         ds_file.write_text(original)
     assert proc.returncode != 0 and "integer class ids" in proc.stderr and "brain_001" in proc.stderr
     assert not fold_dir(env, "Dataset990_CSMSynth", "CSMClassifierTrainer_Balanced", "nnUNetCSMPlans").parent.exists()
+    write_splits(env)
+    proc = train(env, 990, "CSMClassifierTrainer_Balanced", "nnUNetCSMPlans", None, check=False, fold="2")
+    assert proc.returncode != 0 and "a classifier needs two classes to learn from" in proc.stderr
+    folder = fold_dir(env, "Dataset990_CSMSynth", "CSMClassifierTrainer_Balanced", "nnUNetCSMPlans", fold="2")
+    assert not list(folder.glob("checkpoint_*.pth"))
+
+
+def test_reconstruct_hidden_and_missing_series_on_the_input_grid(synthetic, pretrained, tmp_path):
+    """``csm_nnunet reconstruct`` with one series hidden (file given) and one not acquired ('none'): one output per
+    synthesised series, each with the input's size, spacing, origin and direction; bad input writes nothing."""
+    import SimpleITK as sitk
+
+    env = synthetic
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_CSMSynth" / "imagesTr"
+    # a non-trivial geometry: the result must come back onto it exactly
+    files = []
+    for c in range(4):
+        img = sitk.ReadImage(str(raw / f"brain_003_{c:04d}.nii.gz"))
+        img.SetOrigin((10.0, -5.0, 2.5))
+        img.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        files.append(tmp_path / f"in_{c}.nii.gz")
+        sitk.WriteImage(img, str(files[-1]))
+    model = pretrained.parent.parent
+    out = tmp_path / "synth.nii.gz"
+    proc = run(["csm_nnunet", "reconstruct", "-m", str(model), "-i", str(files[0]), str(files[1]), str(files[2]),
+                "none", "--hide", "T2", "-o", str(out)], env)
+    assert "synthesising ['T2', 'FLAIR']" in proc.stdout and "correlation with the given (hidden) image" in proc.stdout
+    ref = sitk.ReadImage(str(files[0]))
+    for name in ("T2", "FLAIR"):
+        got = sitk.ReadImage(str(tmp_path / f"synth_{name}.nii.gz"))
+        assert got.GetSize() == ref.GetSize() and got.GetSpacing() == ref.GetSpacing()
+        assert got.GetOrigin() == pytest.approx(ref.GetOrigin()) and got.GetDirection() == pytest.approx(
+            ref.GetDirection())
+        assert float(sitk.GetArrayFromImage(got).std()) > 0
+    assert not list(tmp_path.glob("*.tmp*"))
+    bad = tmp_path / "bad.nii.gz"
+    proc = run(["csm_nnunet", "reconstruct", "-m", str(model), "-i", str(files[0]), "--hide", "T2", "-o", str(bad)],
+               env, check=False)
+    assert proc.returncode == 1 and "one file per series" in proc.stderr and not bad.exists()
