@@ -9,6 +9,8 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("csm_nnunet.demo", "the whole workflow on synthetic data in ~15 min on a CPU: pretrain, segment and "
+                                "classify from CSM vs from scratch, a results table"),
     "doctor": ("csm_nnunet.doctor", "check that nnU-Net finds our classes, versions and the torch/torchvision pair"),
     "prepare-unlabeled": ("csm_nnunet.unlabeled",
                           "make a raw dataset without labelsTr plannable by nnU-Net (body-mask labels)"),

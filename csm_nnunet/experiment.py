@@ -100,7 +100,10 @@ class Runner:
         env.update(extra or {})
         return env
 
-    def __call__(self, cmd: list[str], results: str, extra: dict[str, str] | None = None, log_name: str = "") -> float:
+    def __call__(self, cmd: list[str], results: str, extra: dict[str, str] | None = None, log_name: str = "",
+                 epochs: int | None = None) -> float:
+        """Run ``cmd`` with its output in ``<out>/logs/<log_name>.log``. With ``epochs`` (a training run) the
+        progress is read from nnU-Net's training log under ``results`` and shown as ``epoch k/epochs``."""
         t0 = time.time()
         log_path = join(self.out, "logs", (log_name or cmd[0]) + ".log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -108,12 +111,40 @@ class Runner:
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n  env: {extra or {}}\n")
             log.flush()
-            proc = subprocess.run(cmd, env=self.env(results, extra), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, env=self.env(results, extra), stdout=log, stderr=subprocess.STDOUT)
+            shown = -1
+            while proc.poll() is None:
+                time.sleep(2.0)
+                if epochs:
+                    shown = _show_progress(results, t0, epochs, shown)
+            if shown >= 0 and sys.stdout.isatty():
+                print(flush=True)
         seconds = time.time() - t0
         self.log_lines.append(f"{seconds:8.1f} s  {' '.join(cmd)}")
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see {log_path}")
         return seconds
+
+
+def _show_progress(results: str, t0: float, epochs: int, shown: int) -> int:
+    """Print ``epoch k/epochs`` from the newest nnU-Net training log under ``results`` written since ``t0`` (on a
+    terminal in place, otherwise a line per quarter of the run); returns the last epoch shown."""
+    import glob
+
+    logs = [f for f in glob.glob(join(results, "**", "training_log_*.txt"), recursive=True)
+            if os.path.getmtime(f) >= t0 - 1]
+    if not logs:
+        return shown
+    with open(max(logs, key=os.path.getmtime)) as f:
+        done = sum(1 for line in f if "Epoch time:" in line)
+    if done <= shown:
+        return shown
+    elapsed = time.time() - t0
+    if sys.stdout.isatty():
+        print(f"\r    epoch {done}/{epochs}  {elapsed:5.0f} s", end="", flush=True)
+    elif done == epochs or (4 * done) // max(epochs, 1) > (4 * max(shown, 0)) // max(epochs, 1):
+        print(f"    epoch {done}/{epochs}  {elapsed:5.0f} s", flush=True)
+    return done
 
 
 def _find_dataset(raw: str, dataset_id: int) -> str:
@@ -202,7 +233,8 @@ class Context:
         extra = {**self.length(self.args.epochs), "CSM_PRESET": preset}
         fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", "fold_0")
         if not isfile(join(fold_dir, "checkpoint_final.pth")):
-            cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"]
+            cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device",
+                   self.args.device]
             if pretrainer is not None:
                 weights = self.checkpoints[(pretrainer, preset)]
                 if trainer.startswith("nnUNet_Primus"):
@@ -212,7 +244,7 @@ class Context:
                              f"export_{arm}")
                     weights = exported
                 cmd += ["-pretrained_weights", weights]
-            self.timings[f"train {arm}"] = self.run(cmd, results, extra, f"train_{arm}")
+            self.timings[f"train {arm}"] = self.run(cmd, results, extra, f"train_{arm}", epochs=self.args.epochs)
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
             ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"]}
         if pretrainer is not None:
@@ -240,7 +272,8 @@ class Context:
         a = self.args
         summary: dict = json.load(open(results_json)) if isfile(results_json) and a.resume else {}
         summary.update({"study": a.study, "dataset": self.name, "split": self.split, "steps": self.steps,
-                        "batch": "from the plans", "preset": a.preset, "machine": machine_description(a.threads)})
+                        "batch": "from the plans", "preset": a.preset,
+                        "machine": machine_description(a.threads, a.device)})
         summary.setdefault("arms", {})
         return summary
 
@@ -314,8 +347,10 @@ def prepare(args: argparse.Namespace) -> Context:
         ckpt = join(results, name, f"{pretrainer}__{PLANS}__{CONFIG}", "fold_1", "checkpoint_final.pth")
         if not isfile(ckpt):
             timings[f"pretrain {pretrainer} {preset}"] = run(
-                ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device", "cpu"],
-                results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset}, f"pretrain_{pretrainer}_{preset}")
+                ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device",
+                 args.device],
+                results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset}, f"pretrain_{pretrainer}_{preset}",
+                epochs=args.pretrain_epochs)
             _write_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
                               json.dumps({"steps": steps["pretrain"]}))
         ctx.checkpoints[key] = ckpt
@@ -343,7 +378,8 @@ def run_segmentation(ctx: Context) -> dict:
             if not isdir(pred) or not any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
                 ctx.timings[f"predict {arm} {label}"] = ctx.run(
                     ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", "0", "-tr", trainer, "-p",
-                     PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1"],
+                     PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1", "-nps",
+                     "1"],
                     results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}")
             arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
@@ -378,7 +414,8 @@ def run_classification(ctx: Context) -> dict:
             if not isfile(csv_path):
                 ctx.timings[f"classify {arm} {label}"] = ctx.run(
                     ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", "0", "--masks",
-                     join(ctx.out, "raw", ctx.name, "labelsTr")], results, {"CSM_PRESET": preset}, f"classify_{arm}")
+                     join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
+                    {"CSM_PRESET": preset}, f"classify_{arm}")
             cases, probs = _read_probabilities(csv_path, class_names)
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
@@ -400,7 +437,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     return run_segmentation(ctx) if args.study == "seg" else run_classification(ctx)
 
 
-def machine_description(threads: int) -> dict:
+def machine_description(threads: int, device: str = "cpu") -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -410,7 +447,8 @@ def machine_description(threads: int) -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
-            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu"}
+            "torch": torch.__version__, "python": platform.python_version(), "device": device,
+            **({"gpu": torch.cuda.get_device_name(0)} if device == "cuda" and torch.cuda.is_available() else {})}
 
 
 def markdown(summary: dict) -> str:
@@ -509,6 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing", action="store_true", help="also predict with each single series missing")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)), help="torch threads")
     parser.add_argument("--resume", action="store_true", help="keep arms already in results.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for every nnU-Net step")
 
 
 STUDY_DEFAULTS = {"seg": {"arms": "nnunet,fused,scratch,csm", "kind": "brain", "cases": 24, "val": 8, "labelled": 8},
