@@ -86,7 +86,9 @@ def classify(input_folder: str, output_csv: str, model_folder: str, folds: list[
     if masks is not None and not isdir(masks):
         raise ClassifyError(f"--masks {masks} is not a folder")
     preprocessor = cm.preprocessor_class(verbose=False)
-    net = predictor.network.to(predictor.device)
+    net = predictor.network
+    net = getattr(net, "_orig_mod", net)  # nnUNet_compile=t wraps it; the fold weights have the plain key names
+    net = net.to(predictor.device)
     net.eval()
     names = sorted(cases)
     probs = np.zeros((len(names), len(class_names)))
