@@ -223,6 +223,13 @@ class Context:
     timings: dict[str, float]
     t_start: float
 
+    def pretrained_key(self, arm: str, pretrainer: str, preset: str) -> tuple[str, str, int]:
+        """Which pretraining run an arm loads: ``(pretrainer, preset, replicate)``. Replicate 1 for every arm, or
+        with ``--pretrain-per-repeat`` the arm's repeat number (``csm@3`` loads pretraining run 3), so repeats
+        measure pretraining variance too, not only fine-tuning variance."""
+        _, _, k = arm.partition("@")
+        return pretrainer, preset, int(k) if (k and self.args.pretrain_per_repeat) else 1
+
     def length(self, epochs: int) -> dict[str, str]:
         return {"CSM_NUM_EPOCHS": str(epochs), "CSM_ITERS_PER_EPOCH": str(self.args.iters), "CSM_VAL_ITERS": "2"}
 
@@ -236,7 +243,7 @@ class Context:
             cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device",
                    self.args.device]
             if pretrainer is not None:
-                weights = self.checkpoints[(pretrainer, preset)]
+                weights = self.checkpoints[self.pretrained_key(arm, pretrainer, preset)]
                 if trainer.startswith("nnUNet_Primus"):
                     exported = join(self.out, "results", f"export_{arm}.pth")
                     self.run(["csm_nnunet", "export-primus", weights, "--trainer", trainer, "-d",
@@ -248,8 +255,10 @@ class Context:
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
             ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"]}
         if pretrainer is not None:
-            record = join(os.path.dirname(self.checkpoints[(pretrainer, preset)]), "csm_experiment_steps.json")
+            ckpt = self.checkpoints[self.pretrained_key(arm, pretrainer, preset)]
+            record = join(os.path.dirname(ckpt), "csm_experiment_steps.json")
             res["pretrain_steps"] = json.load(open(record))["steps"] if isfile(record) else None
+            res["pretrained_checkpoint"] = os.path.relpath(ckpt, self.out)
         return results, res
 
     def missing_inputs(self) -> dict[str, str]:
@@ -340,16 +349,21 @@ def prepare(args: argparse.Namespace) -> Context:
         if pretrainer is None:
             continue
         preset = preset or args.preset
-        key = (pretrainer, preset)
+        key = ctx.pretrained_key(arm, pretrainer, preset)
         if key in ctx.checkpoints:
             continue
-        results = join(out, "results", f"pretrain_{pretrainer}_{preset}")
+        replicate = key[2]
+        tag = f"{pretrainer}_{preset}" + (f"@{replicate}" if replicate > 1 else "")
+        results = join(out, "results", f"pretrain_{tag}")
         ckpt = join(results, name, f"{pretrainer}__{PLANS}__{CONFIG}", "fold_1", "checkpoint_final.pth")
         if not isfile(ckpt):
-            timings[f"pretrain {pretrainer} {preset}"] = run(
+            # replicate k >= 2 draws other masks (CSM_MASK_SEED); weights and batches differ anyway (nnU-Net is
+            # not seeded)
+            seed = {"CSM_MASK_SEED": str(12345 + 1000 * replicate)} if replicate > 1 else {}
+            timings[f"pretrain {tag}"] = run(
                 ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device",
                  args.device],
-                results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset}, f"pretrain_{pretrainer}_{preset}",
+                results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}",
                 epochs=args.pretrain_epochs)
             _write_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
                               json.dumps({"steps": steps["pretrain"]}))
@@ -548,6 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)), help="torch threads")
     parser.add_argument("--resume", action="store_true", help="keep arms already in results.json")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for every nnU-Net step")
+    parser.add_argument("--pretrain-per-repeat", action="store_true",
+                        help="repeat k of a pretrained arm (csm@k) loads its own pretraining run k (other masks, "
+                             "weights, batches) instead of the shared run 1")
 
 
 STUDY_DEFAULTS = {"seg": {"arms": "nnunet,fused,scratch,csm", "kind": "brain", "cases": 24, "val": 8, "labelled": 8},

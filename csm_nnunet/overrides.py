@@ -15,6 +15,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], object]]] = {
     "CSM_ITERS_PER_EPOCH": ("num_iterations_per_epoch", int),
     "CSM_VAL_ITERS": ("num_val_iterations_per_epoch", int),
     "CSM_PRESET": ("preset", str),
+    "CSM_MASK_SEED": ("mask_seed", int),  # pretrainers: seed of the mask stream (other seeds = other masks)
 }
 
 

@@ -111,3 +111,17 @@ def test_classification_table_and_probability_csv(tmp_path):
     text = markdown(summary)
     assert "| csm | CSMClassifierTrainer | CSMPretrainer (500) | 1.000 | 0.667 | 0.500 | 1.000 |" in text
     assert "| csm | 1.000 | n/a |" in text
+
+
+def test_repeats_share_the_pretraining_run_unless_asked_otherwise():
+    import argparse
+
+    from csm_nnunet.experiment import Context
+
+    def ctx(per_repeat: bool) -> Context:
+        return Context(argparse.Namespace(pretrain_per_repeat=per_repeat), "", None, "", 0, {}, "", {}, {}, [], {},
+                       {}, 0.0)
+
+    assert ctx(False).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1)
+    assert ctx(True).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 3)
+    assert ctx(True).pretrained_key("csm", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1)

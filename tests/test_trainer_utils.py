@@ -13,6 +13,7 @@ def test_env_overrides_parse_and_name_bad_values():
     assert read_env_overrides(env) == {"num_epochs": 3, "num_iterations_per_epoch": 2,
                                        "num_val_iterations_per_epoch": 1, "preset": "tiny"}
     assert read_env_overrides({}) == {}
+    assert read_env_overrides({"CSM_MASK_SEED": "7"}) == {"mask_seed": 7}
     with pytest.raises(ValueError, match="CSM_NUM_EPOCHS='two'"):
         read_env_overrides({"CSM_NUM_EPOCHS": "two"})
     with pytest.raises(ValueError, match="CSM_VAL_ITERS='0' must be >= 1"):

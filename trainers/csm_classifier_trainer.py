@@ -126,7 +126,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         self.weight_decay = 0.01
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 1.0  # every crop on the ROI
-        apply_env_overrides(self, self.print_to_log_file, skip=("num_val_iterations_per_epoch",))
+        apply_env_overrides(self, self.print_to_log_file, skip=("num_val_iterations_per_epoch", "mask_seed"))
         self.num_val_iterations_per_epoch = 0  # validation is per case, see on_validation_epoch_end
         counts = {n: sum(v == i for v in self.class_labels.values()) for i, n in enumerate(self.class_names)}
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} series="
