@@ -482,6 +482,7 @@ def markdown(summary: dict) -> str:
         d = r["dice"]["complete"]
         pre = "-" if not r["pretrained"] else f"{r['pretrained']} ({r.get('pretrain_steps') or '?'})"
         lines.append(f"| {arm} | {r['trainer']} | {pre} | " + " | ".join(f"{d[c]:.3f}" for c in cols) + " |")
+    lines += repeat_table({arm: r["dice"]["complete"] for arm, r in arms.items()}, cols)
     missing = [k for k in next(iter(arms.values()))["dice"] if k != "complete"]
     if missing:
         key = next((c for c in ("whole tumour", "gland+lesion") if c in cols), cols[0])
@@ -496,6 +497,31 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
               f"{m.get('torch')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
     return "\n".join(lines) + "\n"
+
+
+def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) -> list[str]:
+    """Markdown lines: mean ± sd (sample sd, n-1) per arm over its repeats ``arm``, ``arm@2``, ...; empty when no
+    arm is repeated. A metric that is undefined in a run (None/NaN) is left out of that arm's mean and counted."""
+    groups: dict[str, list[dict]] = {}
+    for arm, d in scores.items():
+        groups.setdefault(arm.partition("@")[0], []).append(d)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+    lines = ["", "Mean ± sd over the repeats of each arm (n runs):", "",
+             "| arm | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for arm, runs in groups.items():
+        cells = []
+        for c in cols:
+            vals = [float(r[c]) for r in runs if r.get(c) is not None and r[c] == r[c]]
+            if not vals:
+                cells.append("n/a")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.3f}" + (" (1)" if len(runs) > 1 else ""))
+            else:
+                cells.append(f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+                             + (f" ({len(vals)})" if len(vals) != len(runs) else ""))
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(v) -> str:
@@ -515,6 +541,8 @@ def _markdown_cls(summary: dict) -> str:
         pre = "-" if not r["pretrained"] else f"{r['pretrained']} ({r.get('pretrain_steps') or '?'})"
         lines.append(f"| {arm} | {r['trainer']} | {pre} | {_fmt(m['auc'])} | {_fmt(m['accuracy'])} | "
                      f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |")
+    keys = ["auc", "accuracy", "sensitivity", "specificity"]
+    lines += repeat_table({arm: {k: r["metrics"]["complete"][k] for k in keys} for arm, r in arms.items()}, keys)
     missing = [k for k in next(iter(arms.values()))["metrics"] if k != "complete"]
     if missing:
         lines += ["", "Missing series at inference (AUC; the series replaced by an all-zero image):", "",

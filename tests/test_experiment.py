@@ -125,3 +125,12 @@ def test_repeats_share_the_pretraining_run_unless_asked_otherwise():
     assert ctx(False).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1)
     assert ctx(True).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 3)
     assert ctx(True).pretrained_key("csm", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1)
+
+
+def test_repeat_table_mean_and_sd():
+    from csm_nnunet.experiment import repeat_table
+
+    lines = repeat_table({"scratch": {"wt": 0.9}, "scratch@2": {"wt": 0.8}, "csm": {"wt": 0.7},
+                          "csm@2": {"wt": None}}, ["wt"])
+    assert "| scratch | 2 | 0.850 ± 0.071 |" in lines and "| csm | 2 | 0.700 (1) |" in lines
+    assert repeat_table({"scratch": {"wt": 0.9}, "csm": {"wt": 0.7}}, ["wt"]) == []
