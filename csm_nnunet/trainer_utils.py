@@ -100,3 +100,19 @@ def drop_random_series(data: torch.Tensor, probability: float) -> torch.Tensor:
             k = int(torch.randint(1, data.shape[1], ()))
             out[b, torch.randperm(data.shape[1])[:k]] = 0
     return out
+
+
+def backward_and_step(trainer, loss: torch.Tensor, max_norm: float) -> None:
+    """Backward pass, gradient clipping at ``max_norm`` and optimizer step, through the trainer's GradScaler when it
+    has one (CUDA AMP, as nnU-Net does it) and plainly otherwise."""
+    params = trainer.network.parameters()
+    if trainer.grad_scaler is not None:
+        trainer.grad_scaler.scale(loss).backward()
+        trainer.grad_scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        trainer.grad_scaler.step(trainer.optimizer)
+        trainer.grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        trainer.optimizer.step()

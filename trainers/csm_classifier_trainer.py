@@ -58,6 +58,7 @@ from csm_nnunet.network import get_preset
 from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.trainer_utils import (
+    backward_and_step,
     channel_names_of,
     drop_random_series,
     fit_patch_to_tokens,
@@ -237,16 +238,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss(self.network(data), target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        backward_and_step(self, loss, max_norm=12)
         return {"loss": loss.detach().cpu().numpy()}
 
     # ---------------------------------------------------------------- validation

@@ -28,7 +28,12 @@ from csm_nnunet.masking import CrossSeriesMasker, SeriesMask
 from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
 from csm_nnunet.optim import WarmupCosineLR, adamw
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
-from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_trainer_checkpoint
+from csm_nnunet.trainer_utils import (
+    backward_and_step,
+    channel_names_of,
+    fit_patch_to_tokens,
+    save_trainer_checkpoint,
+)
 
 
 class CSMPretrainer(nnUNetTrainer):
@@ -164,16 +169,7 @@ class CSMPretrainer(nnUNetTrainer):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite reconstruction loss {loss.item()} at epoch {self.current_epoch}; "
                                      f"check the data for NaN/Inf voxels (keys {batch.get('keys')})")
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
-            self.optimizer.step()
+        backward_and_step(self, loss, max_norm=1.0)
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_validation_epoch_start(self):
