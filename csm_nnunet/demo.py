@@ -36,7 +36,8 @@ def _namespace(study: str, out: str, s: dict, steps: int, pretrain_steps: int, d
         study=study, out=out, arms="scratch,csm", dataset=None, kind="brain", cases=s["cases"], shape=s["shape"],
         data_seed=0, split_seed=0, val=s["val"], labelled=s["labelled"], preset=s["preset"],
         epochs=max(1, round(steps / iters)), pretrain_epochs=max(1, round(pretrain_steps / iters)), iters=iters,
-        missing=False, threads=threads, resume=True, device=device, pretrain_per_repeat=False)
+        missing=False, threads=threads, resume=True, device=device, pretrain_per_repeat=False,
+        crop=None)
 
 
 def run_demo(out: str, minutes: float | None = None, tiny: bool = False, device: str | None = None) -> str:

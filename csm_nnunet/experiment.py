@@ -223,6 +223,12 @@ class Context:
     timings: dict[str, float]
     t_start: float
 
+    @property
+    def cls_tag(self) -> str:
+        """``""``, or ``"_crop<edge>"`` when the classifiers use their own crop size (their own folders/results)."""
+        crop = getattr(self.args, "crop", None)
+        return f"_crop{crop}" if crop else ""
+
     def pretrained_key(self, arm: str, pretrainer: str, preset: str) -> tuple[str, str, int]:
         """Which pretraining run an arm loads: ``(pretrainer, preset, replicate)``. Replicate 1 for every arm, or
         with ``--pretrain-per-repeat`` the arm's repeat number (``csm@3`` loads pretraining run 3), so repeats
@@ -236,8 +242,10 @@ class Context:
     def train_arm(self, arm: str, trainer: str, pretrainer: str | None, preset: str) -> tuple[str, dict]:
         """Fine-tune one arm on fold 0 (skipped when its checkpoint_final exists); returns its results folder and
         the results-json stub."""
-        results = join(self.out, "results", arm if self.args.study == "seg" else f"cls_{arm}")
+        results = join(self.out, "results", arm if self.args.study == "seg" else f"cls{self.cls_tag}_{arm}")
         extra = {**self.length(self.args.epochs), "CSM_PRESET": preset}
+        if self.args.study == "cls" and getattr(self.args, "crop", None):
+            extra["CSM_CROP"] = str(self.args.crop)
         fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", "fold_0")
         if not isfile(join(fold_dir, "checkpoint_final.pth")):
             cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device",
@@ -414,7 +422,7 @@ def run_classification(ctx: Context) -> dict:
     args = ctx.args
     truth, class_names = read_class_labels(ctx.ds, ctx.split["val"])
     inputs = ctx.missing_inputs()
-    results_json = join(ctx.out, "results_cls.json")
+    results_json = join(ctx.out, f"results_cls{ctx.cls_tag}.json")
     summary = ctx.summary(results_json)
     for arm in ctx.arms:
         trainer, pretrainer, preset = arm_spec(arm, "cls")
@@ -423,7 +431,7 @@ def run_classification(ctx: Context) -> dict:
         model = join(results, ctx.name, f"{trainer}__{PLANS}__{CONFIG}")
         arm_res["metrics"] = {}
         for label, folder in inputs.items():
-            csv_path = join(ctx.out, "predictions", f"cls_{arm}", label.replace(" ", "_") + ".csv")
+            csv_path = join(ctx.out, "predictions", f"cls{ctx.cls_tag}_{arm}", label.replace(" ", "_") + ".csv")
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)
             if not isfile(csv_path):
                 ctx.timings[f"classify {arm} {label}"] = ctx.run(
@@ -434,7 +442,8 @@ def run_classification(ctx: Context) -> dict:
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
         _write_atomically(results_json, json.dumps(summary, indent=1))
-    ctx.finish(summary, results_json, "results_cls.md")
+    summary["crop"] = getattr(args, "crop", None)
+    ctx.finish(summary, results_json, f"results_cls{ctx.cls_tag}.md")
     return summary
 
 
@@ -590,6 +599,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)), help="torch threads")
     parser.add_argument("--resume", action="store_true", help="keep arms already in results.json")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for every nnU-Net step")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="cls: edge of the ROI-centred classifier crop (CSM_CROP; default the plans' patch size)")
     parser.add_argument("--pretrain-per-repeat", action="store_true",
                         help="repeat k of a pretrained arm (csm@k) loads its own pretraining run k (other masks, "
                              "weights, batches) instead of the shared run 1")
@@ -610,5 +621,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"csm_nnunet experiment: error: {e}", file=sys.stderr)
         return 1
     print(markdown(summary))
-    print(f"results: {join(os.path.abspath(args.out), 'results.json' if args.study == 'seg' else 'results_cls.json')}")
+    name = "results.json" if args.study == "seg" else f"results_cls{'_crop' + str(args.crop) if args.crop else ''}.json"
+    print(f"results: {join(os.path.abspath(args.out), name)}")
     return 0

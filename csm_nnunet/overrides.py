@@ -16,6 +16,8 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], object]]] = {
     "CSM_VAL_ITERS": ("num_val_iterations_per_epoch", int),
     "CSM_PRESET": ("preset", str),
     "CSM_MASK_SEED": ("mask_seed", int),  # pretrainers: seed of the mask stream (other seeds = other masks)
+    "CSM_LR": ("initial_lr", float),  # peak learning rate (after warm-up)
+    "CSM_CROP": ("crop_size", int),  # classifier: edge of the ROI-centred crop (default: the plans' patch size)
 }
 
 
@@ -36,6 +38,8 @@ def read_env_overrides(environ: dict[str, str] | None = None) -> dict[str, objec
                              f"unset it or give e.g. {var}=2") from None
         if isinstance(value, int) and value < 1:
             raise ValueError(f"environment variable {var}={raw!r} must be >= 1")
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"environment variable {var}={raw!r} must be a learning rate in (0, 1), e.g. 1e-4")
         if var == "CSM_PRESET" and value not in PRESETS:
             raise ValueError(f"environment variable CSM_PRESET={raw!r} is not a preset; "
                              f"choose one of {sorted(PRESETS)}")

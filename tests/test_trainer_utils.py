@@ -14,6 +14,9 @@ def test_env_overrides_parse_and_name_bad_values():
                                        "num_val_iterations_per_epoch": 1, "preset": "tiny"}
     assert read_env_overrides({}) == {}
     assert read_env_overrides({"CSM_MASK_SEED": "7"}) == {"mask_seed": 7}
+    assert read_env_overrides({"CSM_LR": "1e-4"}) == {"initial_lr": 1e-4}
+    with pytest.raises(ValueError, match="CSM_LR='5' must be a learning rate"):
+        read_env_overrides({"CSM_LR": "5"})
     with pytest.raises(ValueError, match="CSM_NUM_EPOCHS='two'"):
         read_env_overrides({"CSM_NUM_EPOCHS": "two"})
     with pytest.raises(ValueError, match="CSM_VAL_ITERS='0' must be >= 1"):

@@ -18,7 +18,7 @@ from csm_nnunet.overrides import apply_env_overrides
 
 def _apply_budget(trainer: nnUNetTrainer) -> None:
     """Apply the length overrides (not CSM_PRESET: these networks have their own architecture)."""
-    apply_env_overrides(trainer, trainer.print_to_log_file, skip=("preset", "mask_seed"))
+    apply_env_overrides(trainer, trainer.print_to_log_file, skip=("preset", "mask_seed", "crop_size"))
     if hasattr(trainer, "warmup_duration_whole_net"):
         trainer.warmup_duration_whole_net = max(1, round(0.05 * trainer.num_epochs))
         trainer.print_to_log_file(f"csm-nnunet: warm-up {trainer.warmup_duration_whole_net} epochs (5 % of the run)")

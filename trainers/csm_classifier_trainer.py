@@ -8,10 +8,11 @@ before nnU-Net writes anything.
 
 What differs from segmentation:
 
-* crops: nnU-Net's loader and training augmentation, with every crop forced onto the region of interest (the lesion;
-  dataset.json ``classification_roi_labels``, default every foreground label): the crop is centred on a random ROI
-  voxel, so the classifier sees the lesion and its surroundings. Validation and ``csm_nnunet classify`` crop around
-  the centre of the ROI's bounding box (the image centre when there is no mask), deterministically.
+* crops: nnU-Net's loader and training augmentation, with every crop centred on the region of interest (the lesion;
+  dataset.json ``classification_roi_labels``, default every foreground label): the centre of the ROI's bounding box,
+  moved by up to ``crop_jitter`` voxels, so the classifier sees the lesion and its surroundings. Validation and
+  ``csm_nnunet classify`` take the same crop without the jitter (the image centre when there is no mask). The crop
+  edge is the plans' patch size or ``CSM_CROP`` (a lesion crop is usually much smaller than a segmentation patch).
 * loss: cross-entropy (``class_balanced``: weights inversely proportional to the class counts of the training fold).
 * validation: every validation case once per epoch (not nnU-Net's random patches), AUC / accuracy / sensitivity /
   specificity in the log; ``checkpoint_best`` is the epoch with the highest validation AUC (lowest validation loss
@@ -71,19 +72,32 @@ _METRIC_KEYS = ("val_auc", "val_accuracy", "val_sensitivity", "val_specificity")
 
 
 class ROIDataLoader(nnUNetDataLoader):
-    """nnU-Net's loader whose foreground crops are centred on the region-of-interest labels only (a random ROI voxel
-    of the case), instead of on any foreground class (an organ outline would otherwise pull crops off the lesion)."""
+    """nnU-Net's loader whose crops are centred on the bounding-box centre of the region-of-interest labels (the
+    lesion), moved by up to ``jitter`` voxels per axis, the crop validation and ``classify`` take. Centring on a random
+    lesion voxel instead (nnU-Net's foreground sampling) moved small lesions across token boundaries so much that the
+    classifier did not learn at all within the CPU experiment's budget (docs/experiments.md); nnU-Net's spatial
+    augmentation still varies the crop. Cases without ROI voxels fall back to nnU-Net's sampling."""
 
-    def __init__(self, *args, roi_labels: tuple[int, ...] = (), **kwargs):
+    def __init__(self, *args, roi_labels: tuple[int, ...] = (), jitter: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.roi_labels = tuple(roi_labels)
+        self.jitter = int(jitter)
 
     def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose=False):
-        if force_fg and class_locations is not None and overwrite_class is None:
-            eligible = [c for c in self.roi_labels if c in class_locations and len(class_locations[c]) > 0]
-            if eligible:
-                overwrite_class = eligible[np.random.choice(len(eligible))]
-        return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        points = [np.asarray(class_locations[c]) for c in self.roi_labels
+                  if class_locations is not None and c in class_locations and len(class_locations[c]) > 0]
+        if not force_fg or not points:
+            return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        coords = np.concatenate(points)[:, 1:]  # class_locations rows are (channel, x, y, z)
+        centre = (coords.min(0) + coords.max(0) + 1) // 2
+        if self.jitter:
+            centre = centre + np.random.randint(-self.jitter, self.jitter + 1, size=len(centre))
+        # the window may leave the image by up to what nnU-Net's loader pads (as in nnUNetDataLoader.get_bbox)
+        need_to_pad = [max(int(n), int(p) - int(s)) for n, p, s in zip(self.need_to_pad, self.patch_size, data_shape)]
+        lbs = [-n // 2 for n in need_to_pad]
+        ubs = [int(s) + n // 2 + n % 2 - int(p) for s, n, p in zip(data_shape, need_to_pad, self.patch_size)]
+        bbox_lbs = [int(np.clip(c - p // 2, lb, ub)) for c, p, lb, ub in zip(centre, self.patch_size, lbs, ubs)]
+        return bbox_lbs, [lb + p for lb, p in zip(bbox_lbs, self.patch_size)]
 
 
 class CSMClassifierTrainer(nnUNetTrainer):
@@ -101,11 +115,18 @@ class CSMClassifierTrainer(nnUNetTrainer):
     head_dropout: float = 0.0
     warmup_fraction: float = 0.05
     fused_tokens: bool = False
+    crop_size: int | None = None  # CSM_CROP; None = the plans' patch size
+    crop_jitter: int = 0  # voxels the training crop centre may move around the ROI centre, per axis
+    # "light": mirroring only; "nnunet": nnU-Net's full training augmentation (per-channel intensity transforms,
+    # rotation, scaling), with which the CPU experiment's classifiers did not learn at all (docs/experiments.md)
+    augmentation: str = "light"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # everything that can be wrong with the labels is found before nnU-Net creates the output folder
-        preset = read_env_overrides().get("preset", self.preset)
+        env = read_env_overrides()
+        preset = env.get("preset", self.preset)
+        crop = env.get("crop_size", self.crop_size)
         self.series_names = channel_names_of(dataset_json)
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)
@@ -117,7 +138,12 @@ class CSMClassifierTrainer(nnUNetTrainer):
         source = join(nnUNet_preprocessed or "$nnUNet_preprocessed", pm.dataset_name, "dataset.json")
         self.class_labels, self.class_names = read_class_labels(dataset_json, cases, source=source)
         self.roi_labels = resolve_roi_labels(dataset_json)
-        fitted = fit_patch_to_tokens(list(cm.patch_size), get_preset(preset).token_size, configuration)
+        token = get_preset(preset).token_size
+        if crop is not None and (crop < token or crop % token):
+            raise ValueError(f"crop size {crop} (CSM_CROP / crop_size) must be a positive multiple of the token size "
+                             f"{token} of preset {preset!r}")
+        # a lesion crop (paper: lesion plus surroundings) can be much smaller than nnU-Net's segmentation patch
+        fitted = fit_patch_to_tokens([crop] * 3 if crop else list(cm.patch_size), token, configuration)
         plans["configurations"][configuration]["patch_size"] = list(fitted)
         plans["configurations"][configuration][PLANS_KEY] = {
             "preset": preset, "series_names": self.series_names, "class_names": self.class_names,
@@ -128,12 +154,13 @@ class CSMClassifierTrainer(nnUNetTrainer):
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 1.0  # every crop on the ROI
         apply_env_overrides(self, self.print_to_log_file, skip=("num_val_iterations_per_epoch", "mask_seed"))
+        self.crop_size = crop
         self.num_val_iterations_per_epoch = 0  # validation is per case, see on_validation_epoch_end
         counts = {n: sum(v == i for v in self.class_labels.values()) for i, n in enumerate(self.class_names)}
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} series="
                                f"{self.series_names} classes={counts} roi_labels={self.roi_labels} crop={list(fitted)}"
                                f" class_balanced={self.class_balanced} series_dropout={self.series_dropout} "
-                               f"fused_tokens={self.fused_tokens}")
+                               f"fused_tokens={self.fused_tokens} augmentation={self.augmentation}")
         self._val_keys: list[str] | None = None
 
     # ---------------------------------------------------------------- network, loss, optimiser
@@ -193,17 +220,31 @@ class CSMClassifierTrainer(nnUNetTrainer):
         patch_size = self.configuration_manager.patch_size
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        transforms = self.get_training_transforms(
-            patch_size, rotation, None, mirror_axes, dummy_2d,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels,
-            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
-            ignore_label=self.label_manager.ignore_label)
+        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
+        if self.augmentation == "nnunet":
+            transforms = self.get_training_transforms(
+                patch_size, rotation, None, mirror_axes, dummy_2d,
+                use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+                foreground_labels=self.label_manager.foreground_labels, regions=regions,
+                ignore_label=self.label_manager.ignore_label)
+        elif self.augmentation == "light":
+            from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+            from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+            initial_patch_size = patch_size  # no spatial transform: the loader crops the final size
+            base = self.get_validation_transforms(None, is_cascaded=False,
+                                                  foreground_labels=self.label_manager.foreground_labels,
+                                                  regions=regions, ignore_label=self.label_manager.ignore_label)
+            transforms = ComposeTransforms([MirrorTransform(allowed_axes=mirror_axes), base]) if mirror_axes \
+                else base
+        else:
+            raise ValueError(f"{type(self).__name__}.augmentation must be 'light' or 'nnunet', got "
+                             f"{self.augmentation!r}")
         dataset_tr, _ = self.get_tr_and_val_datasets()
         loader = ROIDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
                                oversample_foreground_percent=self.oversample_foreground_percent,
                                sampling_probabilities=None, pad_sides=None, transforms=transforms,
-                               roi_labels=tuple(self.roi_labels))
+                               roi_labels=tuple(self.roi_labels), jitter=self.crop_jitter)
         n = get_allowed_n_proc_DA()
         gen = SingleThreadedAugmenter(loader, None) if n == 0 else NonDetMultiThreadedAugmenter(
             data_loader=loader, transform=None, num_processes=n, num_cached=max(6, n // 2), seeds=None,

@@ -66,7 +66,7 @@ class CSMPretrainer(nnUNetTrainer):
         self.initial_lr = 1e-3  # paper IV.A
         self.weight_decay = 0.05
         self.enable_deep_supervision = False
-        apply_env_overrides(self, self.print_to_log_file)
+        apply_env_overrides(self, self.print_to_log_file, skip=("crop_size",))
         if list(fitted) != planned:
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size "
                                    f"{self.token_size}; sampling {list(fitted)} instead (rounded down per axis).")

@@ -66,7 +66,7 @@ class CSMSegTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3  # paper IV.A fine-tuning
         self.weight_decay = 0.01
-        apply_env_overrides(self, self.print_to_log_file, skip=("mask_seed",))
+        apply_env_overrides(self, self.print_to_log_file, skip=("mask_seed", "crop_size"))
         if list(fitted) != planned:
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size {token}; "
                                    f"using {list(fitted)} (rounded down per axis) for training and inference.")
