@@ -420,7 +420,7 @@ def run_classification(ctx: Context) -> dict:
     from csm_nnunet.classification import classification_metrics
 
     args = ctx.args
-    truth, class_names = read_class_labels(ctx.ds, ctx.split["val"])
+    truth, class_names = read_class_labels(ctx.ds, sorted(set(ctx.split["val"]) | set(ctx.split["pretraining"])))
     inputs = ctx.missing_inputs()
     results_json = join(ctx.out, f"results_cls{ctx.cls_tag}.json")
     summary = ctx.summary(results_json)
