@@ -21,6 +21,8 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
+from csm_nnunet.fileio import write_json_atomically
+
 LABELS_KEY = "classification_labels"
 NAMES_KEY = "class_names"
 
@@ -134,24 +136,22 @@ def import_labels(csv_path: str, dataset_folder: str, class_names: Sequence[str]
     read_class_labels({LABELS_KEY: labels, NAMES_KEY: names}, cases, source=csv_path)  # raises on any problem
     ds[NAMES_KEY] = names
     ds[LABELS_KEY] = {c: labels[c] for c in cases}
-    _write_json(json_path, ds)
+    write_json_atomically(json_path, ds)
     # nnUNetv2_train reads the preprocessed copy of dataset.json: keep it in step when the dataset is planned already
-    pre = os.environ.get("nnUNet_preprocessed")
-    planned = os.path.join(pre, os.path.basename(os.path.normpath(dataset_folder)), "dataset.json") if pre else None
-    if planned and os.path.isfile(planned):
+    planned = planned_dataset_json(dataset_folder)
+    if planned is not None:
         with open(planned) as f:
             pre_ds = json.load(f)
         pre_ds[NAMES_KEY], pre_ds[LABELS_KEY] = ds[NAMES_KEY], ds[LABELS_KEY]
-        _write_json(planned, pre_ds)
-        ds = {**ds, "_also_written": planned}
+        write_json_atomically(planned, pre_ds)
     return ds
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def planned_dataset_json(dataset_folder: str) -> str | None:
+    """nnU-Net's preprocessed copy of the raw dataset's dataset.json, if the dataset is planned already."""
+    pre = os.environ.get("nnUNet_preprocessed")
+    path = os.path.join(pre, os.path.basename(os.path.normpath(dataset_folder)), "dataset.json") if pre else None
+    return path if path and os.path.isfile(path) else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"csm_nnunet import-labels: error: {e}", file=sys.stderr)
         return 1
     counts = {n: sum(v == i for v in ds[LABELS_KEY].values()) for i, n in enumerate(ds[NAMES_KEY])}
-    also = f" and {ds['_also_written']}" if "_also_written" in ds else ""
+    planned = planned_dataset_json(args.dataset)
+    also = f" and {planned}" if planned else ""
     print(f"wrote {len(ds[LABELS_KEY])} class labels ({', '.join(f'{n}: {k}' for n, k in counts.items())}) to "
           f"{os.path.join(args.dataset, 'dataset.json')}{also}")
     return 0

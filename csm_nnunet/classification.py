@@ -169,16 +169,6 @@ def classification_metrics(labels: Sequence[int], probabilities: np.ndarray, cla
     return out
 
 
-def write_text_atomically(path: str, text: str) -> None:
-    """Write to ``path + '.tmp'`` and rename: a crash never leaves a half-written file."""
-    import os
-
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def predictions_csv(cases: Sequence[str], probabilities: np.ndarray, class_names: Sequence[str],
                     labels: Sequence[int] | None = None) -> str:
     """CSV text: ``case, p_<class>..., predicted[, label]`` (probabilities with 6 decimals)."""

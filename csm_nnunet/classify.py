@@ -58,7 +58,8 @@ def classify(input_folder: str, output_csv: str, model_folder: str, folds: list[
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from csm_nnunet.classification import crop_around, predictions_csv, roi_centre, write_text_atomically
+    from csm_nnunet.classification import crop_around, predictions_csv, roi_centre
+    from csm_nnunet.fileio import write_text_atomically
     from csm_nnunet.trainers.csm_classifier_trainer import PLANS_KEY
 
     for name in ("plans.json", "dataset.json"):

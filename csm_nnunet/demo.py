@@ -44,6 +44,7 @@ def run_demo(out: str, minutes: float | None = None, tiny: bool = False, device:
     import torch
 
     from csm_nnunet.experiment import prepare, run_classification, run_segmentation
+    from csm_nnunet.fileio import write_text_atomically
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     s = dict(SETTINGS["tiny" if tiny else ("gpu" if device == "cuda" else "cpu")])
@@ -60,10 +61,7 @@ def run_demo(out: str, minutes: float | None = None, tiny: bool = False, device:
     cls_args = _namespace("cls", out, s, max(2, round(s["cls_steps"] * scale)), pretrain, device, threads)
     cls = run_classification(prepare(cls_args))
     text = _report(out, seg, cls)
-    tmp = join(out, "demo_results.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, join(out, "demo_results.md"))
+    write_text_atomically(join(out, "demo_results.md"), text)
     return text
 
 

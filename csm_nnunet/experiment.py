@@ -43,6 +43,8 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
+from csm_nnunet.fileio import write_text_atomically
+
 PLANS = "nnUNetCSMPlans"
 CONFIG = "3d_fullres"
 #: arm name -> (trainer, pretraining arm it loads or None, preset override or None)
@@ -297,8 +299,8 @@ class Context:
     def finish(self, summary: dict, results_json: str, md: str) -> None:
         summary["timings_s"] = {**summary.get("timings_s", {}), **{k: round(v, 1) for k, v in self.timings.items()}}
         summary["wall_s"] = round(time.time() - self.t_start, 1)
-        _write_atomically(results_json, json.dumps(summary, indent=1))
-        _write_atomically(join(self.out, md), markdown(summary))
+        write_text_atomically(results_json, json.dumps(summary, indent=1))
+        write_text_atomically(join(self.out, md), markdown(summary))
 
 
 def prepare(args: argparse.Namespace) -> Context:
@@ -373,7 +375,7 @@ def prepare(args: argparse.Namespace) -> Context:
                  args.device],
                 results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}",
                 epochs=args.pretrain_epochs)
-            _write_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
+            write_text_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
                               json.dumps({"steps": steps["pretrain"]}))
         ctx.checkpoints[key] = ckpt
     return ctx
@@ -405,7 +407,7 @@ def run_segmentation(ctx: Context) -> dict:
                     results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}")
             arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
-        _write_atomically(results_json, json.dumps(summary, indent=1))
+        write_text_atomically(results_json, json.dumps(summary, indent=1))
     ctx.finish(summary, results_json, "results.md")
     return summary
 
@@ -441,7 +443,7 @@ def run_classification(ctx: Context) -> dict:
             cases, probs = _read_probabilities(csv_path, class_names)
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
-        _write_atomically(results_json, json.dumps(summary, indent=1))
+        write_text_atomically(results_json, json.dumps(summary, indent=1))
     summary["crop"] = getattr(args, "crop", None)
     ctx.finish(summary, results_json, f"results_cls{ctx.cls_tag}.md")
     return summary
@@ -564,13 +566,6 @@ def _markdown_cls(summary: dict) -> str:
     lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
               f"{m.get('torch')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

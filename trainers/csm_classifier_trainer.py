@@ -53,8 +53,8 @@ from csm_nnunet.classification import (
     resolve_roi_labels,
     roi_centre,
     save_roc_png,
-    write_text_atomically,
 )
+from csm_nnunet.fileio import write_text_atomically
 from csm_nnunet.network import get_preset
 from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
