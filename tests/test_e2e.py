@@ -10,72 +10,13 @@ Runs are tiny (CSM_PRESET=tiny, a few iterations) so the suite fits CI on 2 CPU 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-BIN = Path(sys.executable).parent
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset801_OpenMSLesjak2mm"
-SHORT = {"CSM_PRESET": "tiny", "CSM_NUM_EPOCHS": "2", "CSM_ITERS_PER_EPOCH": "2", "CSM_VAL_ITERS": "1"}
-
-
-def run(cmd: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    exe = shutil.which(cmd[0], path=str(BIN)) or cmd[0]
-    proc = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=env["nnUNet_results"])  # a user's folder, not the checkout
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def nnunet_env(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("nnunet")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
-    for name in ("raw", "preprocessed", "results"):
-        (root / name).mkdir()
-        env[f"nnUNet_{name}"] = str(root / name)
-    env.update(nnUNet_compile="f", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", PYTHONWARNINGS="ignore")
-    return env
-
-
-def plan(env: dict[str, str], dataset_id: int, planner: str | None = "CSMPlanner",
-         configurations: tuple[str, ...] = ("3d_fullres",)) -> None:
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must be >= 1 there
-    cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1"]
-    run(cmd + (["-pl", planner] if planner else []), {**env, "nnUNet_n_proc_DA": "1"})
-
-
-def fold_dir(env: dict[str, str], dataset: str, trainer: str, plans: str, fold: str = "all") -> Path:
-    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
-
-
-def train(env: dict[str, str], dataset_id: int, trainer: str, plans: str, extra: dict[str, str] | None = None,
-          args: tuple[str, ...] = (), check: bool = True, fold: str = "all") -> subprocess.CompletedProcess:
-    cmd = ["nnUNetv2_train", str(dataset_id), "3d_fullres", fold, "-tr", trainer, "-p", plans, "-device", "cpu"]
-    return run(cmd + list(args), {**env, **SHORT, **(extra or {})}, check=check)
-
-
-def log_text(folder: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
-
-
-@pytest.fixture(scope="module")
-def synthetic(nnunet_env) -> dict[str, str]:
-    out = Path(nnunet_env["nnUNet_raw"]) / "Dataset990_CSMSynth"
-    run(["csm_nnunet", "make-dataset", "--kind", "brain", "--cases", "4", "--out", str(out), "--shape", "48", "48",
-         "48", "--seed", "0", "--missing-prob", "0.25"], nnunet_env)
-    missing = json.loads((out / "dataset.json").read_text()).get("missing_series", {})
-    assert any(missing.values()), "the synthetic set must exercise missing series"
-    plan(nnunet_env, 990)
-    return nnunet_env
+from e2e_helpers import BIN, REAL, SEG, SHORT, fold_dir, log_text, plan, predict, run, train, write_splits
 
 
 def test_doctor_finds_everything(nnunet_env):
@@ -150,16 +91,6 @@ def test_variants_run_through_nnunet(synthetic, trainer):
     ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer
     assert ckpt["csm_network"]["fused"] == (trainer == "MAEPretrainer")
-
-
-@pytest.fixture(scope="module")
-def real(nnunet_env) -> dict[str, str]:
-    if not REAL.is_dir():
-        pytest.fail(f"real test data missing at {REAL}; the shared/ folder must sit beside the checkout")
-    shutil.copytree(REAL, Path(nnunet_env["nnUNet_raw"]) / REAL.name)
-    plan(nnunet_env, 801)  # CSMPlanner
-    plan(nnunet_env, 801, planner=None, configurations=("2d", "3d_fullres"))  # nnU-Net's defaults, as users have
-    return nnunet_env
 
 
 def test_real_mri_with_csm_plans(real):
@@ -240,32 +171,6 @@ def test_one_series_dataset_warns_and_trains(real):
 
 
 # ------------------------------------------------------------------ segmentation fine-tuning (CSMSegTrainer)
-SEG = {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "2", "CSM_VAL_ITERS": "1"}
-
-
-def predict(env: dict[str, str], dataset_id: int, inp: Path, out: Path, fold: str = "all") -> None:
-    run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-f", fold,
-         "-tr", "CSMSegTrainer", "-p", "nnUNetCSMPlans", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
-        {**env, **SEG})
-
-
-# fold 0: a one-class validation fold (brain_002 only); fold 1: both classes on each side (classes alternate by case);
-# fold 2: a one-class training fold (an error for the classifier)
-SPLITS = [{"train": ["brain_000", "brain_001", "brain_003"], "val": ["brain_002"]},
-          {"train": ["brain_000", "brain_001"], "val": ["brain_002", "brain_003"]},
-          {"train": ["brain_000"], "val": ["brain_001", "brain_002", "brain_003"]}]
-
-
-def write_splits(env: dict[str, str]) -> None:
-    (Path(env["nnUNet_preprocessed"]) / "Dataset990_CSMSynth" / "splits_final.json").write_text(json.dumps(SPLITS))
-
-
-@pytest.fixture(scope="module")
-def pretrained(synthetic) -> Path:
-    train(synthetic, 990, "CSMPretrainer_Mask50", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1"})
-    return fold_dir(synthetic, "Dataset990_CSMSynth", "CSMPretrainer_Mask50", "nnUNetCSMPlans") / "checkpoint_final.pth"
-
-
 def test_finetune_predict_evaluate_with_missing_series(synthetic, pretrained, tmp_path):
     """Fold 0 of a user-written split (nnU-Net's default 5-fold split needs >= 5 cases), so nnU-Net's final
     validation and nnUNetv2_find_best_configuration see a real cross-validation fold."""
