@@ -279,22 +279,37 @@ def _split_fused(key: str, src: torch.Tensor, num_channels: int, t: int, report:
 def load_pretrained_checkpoint(path: str | os.PathLike, network: nn.Module, target_series_names: Sequence[str],
                                log: Callable[[str], object] | None = print,
                                series_map: Mapping[str, str] | None = None) -> AdaptationReport:
-    """Read a csm-nnunet pretraining checkpoint, adapt it (:func:`adapt_encoder_state`), load it strictly into
+    """Read a csm-nnunet pretraining checkpoint, or an encoder archive of ``csm_nnunet export-encoder`` (validated by
+    :func:`csm_nnunet.share.read_encoder_archive`), adapt it (:func:`adapt_encoder_state`), load it strictly into
     ``network`` and log the report.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file cannot be unpickled (truncated/corrupt) or is not a csm-nnunet pretraining checkpoint.
+        ValueError: the file cannot be unpickled (truncated/corrupt) or is not a csm-nnunet pretraining checkpoint,
+            or the encoder archive is refused (the message says why).
     """
+    from csm_nnunet.share import describe, is_encoder_archive, read_encoder_archive
+
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"pretrained checkpoint {path!r} is a folder; pass the checkpoint file in it, e.g. "
+                                f"{os.path.join(path, 'checkpoint_final.pth')!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"cannot read pretrained checkpoint {path!r} ({type(e).__name__}: {e}); the file is "
-                         f"truncated or corrupt -- copy it again, or use another checkpoint (checkpoint_final.pth, "
-                         f"checkpoint_best.pth, checkpoint_latest.pth)") from e
+    if is_encoder_archive(path):
+        archive = read_encoder_archive(path)
+        checkpoint = archive.checkpoint()
+        if log is not None:
+            log(describe(archive.metadata, path))
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+            raise ValueError(f"cannot read pretrained checkpoint {path!r} ({type(e).__name__}: {e}); the file is "
+                             f"truncated or corrupt, or not a torch checkpoint at all -- copy it again, or use another "
+                             f"checkpoint (checkpoint_final.pth, checkpoint_best.pth, checkpoint_latest.pth)") from e
+        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("csm_encoder"), Mapping) and log is not None:
+            log(describe(checkpoint["csm_encoder"], path))  # written by `csm_nnunet import-encoder`
     if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint or "csm_network" not in checkpoint:
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         trainer = checkpoint.get("trainer_name") if isinstance(checkpoint, Mapping) else None

@@ -1,5 +1,6 @@
 """The ``csm_nnunet`` command. Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when their command runs, so ``--help`` stays fast."""
+``run(args) -> int`` (or, for several commands in one module, ``"module:attribute"`` names an object with those two);
+modules are imported only when their command runs, so ``--help`` stays fast."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                               "model (sliding window, written on the input's grid)"),
     "experiment": ("csm_nnunet.experiment", "compare fine-tuning arms (nnU-Net U-Net, fused-token ViT, CSM scratch/"
                                             "pretrained, Primus) on one split and budget; Dice, missing series"),
+    "export-encoder": ("csm_nnunet.share:export_command", "write a pretraining run's encoder as one zip (weights, "
+                                                          "preset, series, plans fingerprint, versions, sha256)"),
+    "import-encoder": ("csm_nnunet.share:import_command", "check an encoder zip and write a checkpoint for "
+                                                          "-pretrained_weights (the zip also works there directly)"),
 }
 
 
@@ -41,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, _, attribute = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    module = getattr(module, attribute) if attribute else module
     cmd_parser = argparse.ArgumentParser(prog=f"csm_nnunet {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
