@@ -6,7 +6,9 @@ fold checkpoints), the raw files are found with nnU-Net's ``<case>_XXXX<ending>`
 configuration's own preprocessor (``run_case``: transpose, crop to non-zero, resample, normalise), exactly as for
 training. Each case gives one crop around the centre of its region of interest (``--masks``: a mask per case in the
 labelsTr convention; without a mask the image centre, right for inputs that are lesion crops already); the
-probabilities of the chosen folds are averaged. The CSV is written atomically.
+probabilities of the chosen folds are averaged. The CSV is written atomically. Every input case is checked first
+(:func:`csm_nnunet.validate.check_case_images`: all channel files, 3D, one grid, finite voxels), before the model is
+loaded, so a bad case is named without waiting for the other cases' predictions.
 """
 
 from __future__ import annotations
@@ -50,17 +52,47 @@ def _case_files(folder: str, file_ending: str, num_channels: int) -> dict[str, l
     return out
 
 
+def _load_folds(predictor, model_folder: str, folds: list[str] | None, checkpoint: str) -> None:
+    """``predictor.initialize_from_trained_model_folder`` with its failures turned into errors that name the fold
+    checkpoint and the fix (nnU-Net raises torch's unpickling errors or a KeyError without naming the file)."""
+    import pickle
+    import zipfile
+
+    from csm_nnunet.validate import torch_file_problem
+
+    if folds is None:
+        folds = predictor.auto_detect_available_folds(model_folder, checkpoint)
+        if not folds:
+            raise ClassifyError(f"no fold_<n>/{checkpoint} in {model_folder}; train a fold first, or name the "
+                                f"checkpoint with -chk (e.g. checkpoint_best.pth)")
+    paths = [join(model_folder, f"fold_{f}", checkpoint) for f in folds]
+    try:
+        predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
+    except FileNotFoundError as e:
+        raise ClassifyError(f"{e}; train those folds first or pick others with -f") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, TypeError) as e:
+        named = [f"{p} {why}" for p in paths if (why := torch_file_problem(p))]
+        detail = str(e) if len(str(e)) <= 300 else str(e)[:300] + " ..."  # a state-dict mismatch lists every key
+        raise ClassifyError(f"cannot load the model's checkpoint(s) ({type(e).__name__}: {detail}): "
+                            f"{'; '.join(named) if named else ', '.join(paths)}. A checkpoint is truncated or not an "
+                            f"nnU-Net trainer checkpoint; copy it again, or pick other folds (-f) or -chk") from None
+
+
 def classify(input_folder: str, output_csv: str, model_folder: str, folds: list[str] | None = None,
              checkpoint: str = "checkpoint_final.pth", masks: str | None = None, device: str = "cpu",
              log=print) -> tuple[list[str], np.ndarray, list[str]]:
     """Classify every case of ``input_folder``; returns ``(cases, probabilities [n, K], class names)`` and writes
     ``output_csv`` (``case, p_<class>..., predicted``)."""
     import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from csm_nnunet.classification import crop_around, predictions_csv, roi_centre
     from csm_nnunet.fileio import write_text_atomically
+    from csm_nnunet.trainer_utils import channel_names_of
     from csm_nnunet.trainers.csm_classifier_trainer import PLANS_KEY
+    from csm_nnunet.validate import check_case_images
 
     for name in ("plans.json", "dataset.json"):
         if not isfile(join(model_folder, name)):
@@ -69,23 +101,27 @@ def classify(input_folder: str, output_csv: str, model_folder: str, folds: list[
     out_dir = os.path.dirname(os.path.abspath(output_csv))
     if not isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise ClassifyError(f"cannot write {output_csv}: {out_dir} is not an existing, writable folder")
+    # every input case is checked before the model is loaded (files named, nothing written)
+    ds = load_json(join(model_folder, "dataset.json"))
+    file_ending = ds.get("file_ending", ".nii.gz")
+    series = channel_names_of(ds)
+    cases = _case_files(input_folder, file_ending, len(series))
+    if masks is not None and not isdir(masks):
+        raise ClassifyError(f"--masks {masks} is not a folder")
+    reader = PlansManager(load_json(join(model_folder, "plans.json"))).image_reader_writer_class
+    for case, files in cases.items():
+        mask = join(masks, case + file_ending) if masks is not None else None
+        check_case_images(files, series, label=mask if mask is not None and isfile(mask) else None,
+                          reader_class=reader)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=False, use_mirroring=False,
                                 perform_everything_on_device=False, device=torch.device(device), allow_tqdm=False)
-    try:
-        predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
-    except FileNotFoundError as e:
-        raise ClassifyError(f"{e}; train those folds first or pick others with -f") from None
+    _load_folds(predictor, model_folder, folds, checkpoint)
     cm = predictor.configuration_manager
     cfg = cm.configuration.get(PLANS_KEY)
     if cfg is None:
         raise ClassifyError(f"{model_folder} was trained with {predictor.trainer_name}, not a CSMClassifierTrainer; "
                             f"use nnUNetv2_predict for segmentation models")
     class_names, roi_labels = list(cfg["class_names"]), list(cfg.get("roi_labels", []))
-    ds = predictor.dataset_json
-    file_ending = ds.get("file_ending", ".nii.gz")
-    cases = _case_files(input_folder, file_ending, len(cfg["series_names"]))
-    if masks is not None and not isdir(masks):
-        raise ClassifyError(f"--masks {masks} is not a folder")
     preprocessor = cm.preprocessor_class(verbose=False)
     net = predictor.network
     net = getattr(net, "_orig_mod", net)  # nnUNet_compile=t wraps it; the fold weights have the plain key names

@@ -17,6 +17,7 @@ The masker is pure tensor code: no nnU-Net, no network, so its invariants are un
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,23 @@ class SeriesMask:
 
     def to(self, device: torch.device | str) -> SeriesMask:
         return SeriesMask(*(t.to(device) for t in (self.visible, self.scored, self.hidden_series, self.present)))
+
+
+TRAIN_STREAM = 0
+VALIDATION_STREAM = 1
+
+
+def mask_seed(seed: int, epoch: int, stream: int, rank: int) -> int:
+    """Seed of the mask generator for one (seed, epoch, stream, rank): the masks of a run are then a function of
+    these four numbers alone, so ``--c`` redraws the masks an interrupted epoch would have used, and DDP ranks draw
+    different masks instead of hiding the same tokens on every GPU.
+
+    A cryptographic digest of the decimal numbers rather than ``hash()``: ``hash`` of an int tuple is deterministic
+    within one CPython build, but its algorithm is an implementation detail that has changed between versions, and a
+    resumed run may well use another interpreter. Returns an int in ``[0, 2**63)`` (valid for ``manual_seed``).
+    """
+    key = ",".join(str(int(v)) for v in (seed, epoch, stream, rank)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:

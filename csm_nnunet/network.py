@@ -222,7 +222,9 @@ class CSMMaskedAutoencoder(nn.Module):
         self.patch_embed_bias = nn.Parameter(torch.zeros(G, D))
         self.series_embed = nn.Parameter(torch.zeros(G, D))
         self.eva = _build_eva(p, D, p.depth, p.num_heads, self.grid, abs_pos=True)  # encoder; Primus' key names
-        self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, D))  # used only when sparse_encoder=False
+        # Used only when sparse_encoder=False. Frozen otherwise: DDP (nnU-Net's -num_gpus, find_unused_parameters off)
+        # waits for a gradient of every trainable parameter and fails at the next step when one never gets any.
+        self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, D), requires_grad=not self.sparse_encoder)
 
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))

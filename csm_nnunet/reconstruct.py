@@ -77,6 +77,7 @@ def reconstruct(model_folder: str, inputs: list[str], hide: list[str], output: s
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from csm_nnunet.masking import SeriesMask
+    from csm_nnunet.validate import check_case_images
 
     net, ckpt, plans, dataset_json = _load_model(model_folder, fold, checkpoint)
     names = list(net.series_names)
@@ -95,6 +96,9 @@ def reconstruct(model_folder: str, inputs: list[str], hide: list[str], output: s
     for f in given:
         if not isfile(f):
             raise ReconstructError(f"input file {f} does not exist")
+    # 3D, one grid, finite voxels (as the dataset's nnU-Net reader sees them), before anything is computed or written
+    check_case_images(given, [n for n, f in zip(names, inputs) if f.lower() != "none"],
+                      reader_class=PlansManager(plans).image_reader_writer_class)
     ending = dataset_json.get("file_ending", ".nii.gz")
     if not output.endswith(ending):
         raise ReconstructError(f"-o {output}: the dataset's files end in {ending}; name the output <name>{ending}")

@@ -4,6 +4,6 @@
 (``-pl CSMPlanner``) through the discovery shim ``nnunetv2.experiment_planning.csm_nnunet_plugin``.
 """
 
-from .csm_planner import CSM_PLANS_NAME, CSMPlanner
+from .csm_planner import CSM_PLANS_NAME, CSMFingerprintExtractor, CSMPlanner
 
-__all__ = ["CSMPlanner", "CSM_PLANS_NAME"]
+__all__ = ["CSMPlanner", "CSMFingerprintExtractor", "CSM_PLANS_NAME"]

@@ -25,6 +25,11 @@ nnU-Net's hooks allow:
 4. Extra, informational keys per 3D configuration under ``"csm"``: token size, tokens per sample, the budget, and the
    patch/batch size nnU-Net itself would have used (nnU-Net ignores unknown keys).
 
+Before planning, every training case is checked (:func:`csm_nnunet.validate.check_raw_dataset`: all channel files
+present, 3D, one voxel grid per case, finite voxels, a known ``missing_series``), so a malformed case is refused with
+its file named before plans or preprocessed data are written. nnU-Net's fingerprinting runs before any planner; pass
+``-fpe CSMFingerprintExtractor`` to run the same check before it, too (docs/reliability.md).
+
 Unchanged: the 2d configuration (planned from nnU-Net's own, uncapped spacing, so it equals what the default planner
 writes apart from the data identifier; the CSM ViT trainers are 3D-only), ``transpose_forward`` (from nnU-Net's
 spacing), normalisation schemes, resampling functions, the U-Net architecture family and the 3d_lowres logic.
@@ -36,11 +41,13 @@ from contextlib import contextmanager
 from math import lcm
 
 import numpy as np
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-__all__ = ["CSMPlanner", "CSM_PLANS_NAME", "cap_spacing_anisotropy", "token_compatible_topology"]
+__all__ = ["CSMPlanner", "CSMFingerprintExtractor", "CSM_PLANS_NAME", "cap_spacing_anisotropy",
+           "token_compatible_topology"]
 
 CSM_PLANS_NAME = "nnUNetCSMPlans"
 
@@ -75,6 +82,32 @@ def token_compatible_topology(spacing, patch_size, token_size: int, min_feature_
                        f"spacing {list(spacing)} starting from {list(patch_size)}")
 
 
+def _check_raw_inputs(raw_folder: str, dataset_json: dict) -> list[str]:
+    """:func:`csm_nnunet.validate.check_raw_dataset` with the dataset's own nnU-Net reader (voxels as nnU-Net will
+    see them); returns the case ids."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    from csm_nnunet.validate import check_raw_dataset, raw_training_cases
+
+    example = next(iter(raw_training_cases(raw_folder, dataset_json).values()))[0][0]
+    reader = determine_reader_writer_from_dataset_json(dataset_json, example)
+    cases = check_raw_dataset(raw_folder, dataset_json, reader_class=reader)
+    print(f"csm-nnunet: {len(cases)} training case(s) checked (channel files, 3D, one grid per case, finite voxels)")
+    return cases
+
+
+class CSMFingerprintExtractor(DatasetFingerprintExtractor):
+    """nnU-Net's fingerprint extractor preceded by csm-nnunet's input checks (``-fpe CSMFingerprintExtractor``).
+
+    nnU-Net fingerprints before any planner runs, and some malformed inputs crash it far from the cause (a missing
+    channel file: an ``IndexError`` after every case was read; an empty imagesTr: ``StopIteration``). This names the
+    file before nnU-Net reads or writes anything."""
+
+    def run(self, overwrite_existing: bool = False) -> dict:
+        _check_raw_inputs(self.input_folder, self.dataset_json)
+        return super().run(overwrite_existing)
+
+
 class CSMPlanner(ExperimentPlanner):
     """nnU-Net ExperimentPlanner for CSM ViT pretraining/fine-tuning; default plans name ``nnUNetCSMPlans``.
 
@@ -93,6 +126,7 @@ class CSMPlanner(ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         self._cap_spacing = True
+        _check_raw_inputs(self.raw_dataset_folder, self.dataset_json)  # before any plans/preprocessed data exist
 
     @contextmanager
     def _nnunet_spacing(self):

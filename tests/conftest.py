@@ -24,7 +24,10 @@ def nnunet_env(tmp_path_factory) -> dict[str, str]:
     for name in ("raw", "preprocessed", "results"):
         (root / name).mkdir()
         env[f"nnUNet_{name}"] = str(root / name)
-    env.update(nnUNet_compile="f", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", PYTHONWARNINGS="ignore")
+    # OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning between ops; on 2 shared cores the spinning
+    # threads of one nnU-Net process otherwise starve the other (epochs several times slower, results unchanged)
+    env.update(nnUNet_compile="f", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", PYTHONWARNINGS="ignore",
+               OMP_WAIT_POLICY="PASSIVE")
     return env
 
 

@@ -65,6 +65,7 @@ from csm_nnunet.trainer_utils import (
     fit_patch_to_tokens,
     save_trainer_checkpoint,
 )
+from csm_nnunet.validate import check_finite_batch, check_training_setup
 
 #: plans.json key (written into the results folder's copy) from which the static builder rebuilds the classifier
 PLANS_KEY = "csm_classifier"
@@ -128,6 +129,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         preset = env.get("preset", self.preset)
         crop = env.get("crop_size", self.crop_size)
         self.series_names = channel_names_of(dataset_json)
+        check_training_setup(plans, configuration, fold, dataset_json, self.series_names)
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)
         folder = join(nnUNet_preprocessed or "", pm.dataset_name, cm.data_identifier)
@@ -153,6 +155,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         self.weight_decay = 0.01
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 1.0  # every crop on the ROI
+        self.save_every = 1  # checkpoint_latest every epoch (nnU-Net: every 50), like our other trainers
         apply_env_overrides(self, self.print_to_log_file, skip=("num_val_iterations_per_epoch", "mask_seed"))
         self.crop_size = crop
         self.num_val_iterations_per_epoch = 0  # validation is per case, see on_validation_epoch_end
@@ -274,6 +277,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def train_step(self, batch: dict) -> dict:
+        check_finite_batch(batch["data"], batch.get("keys"), self.preprocessed_dataset_folder)
         data = drop_random_series(batch["data"], self.series_dropout).to(self.device, non_blocking=True)
         target = self._target(batch["keys"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -306,7 +310,9 @@ class CSMClassifierTrainer(nnUNetTrainer):
                 data, seg, _, _ = dataset.load_case(key)
                 centre = roi_centre(data.shape[1:], seg[:] if seg is not None else None, self.roi_labels)
                 crops.append(crop_around(data, centre, patch))
-            x = torch.from_numpy(np.stack(crops)).to(self.device)
+            x = torch.from_numpy(np.stack(crops))
+            check_finite_batch(x, keys[start:start + self.batch_size], self.preprocessed_dataset_folder)
+            x = x.to(self.device)
             with self._autocast():
                 logits = net(x)
             out.append(torch.softmax(logits.float(), 1).cpu().numpy())

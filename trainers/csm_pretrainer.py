@@ -24,7 +24,7 @@ from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
-from csm_nnunet.masking import CrossSeriesMasker, SeriesMask
+from csm_nnunet.masking import TRAIN_STREAM, VALIDATION_STREAM, CrossSeriesMasker, SeriesMask, mask_seed
 from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
 from csm_nnunet.optim import WarmupCosineLR, adamw
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
@@ -34,6 +34,7 @@ from csm_nnunet.trainer_utils import (
     fit_patch_to_tokens,
     save_trainer_checkpoint,
 )
+from csm_nnunet.validate import check_finite_batch, check_training_setup
 
 
 class CSMPretrainer(nnUNetTrainer):
@@ -59,6 +60,7 @@ class CSMPretrainer(nnUNetTrainer):
         # Validate before nnU-Net creates the output folder and log, so a bad setup leaves nothing behind.
         preset = read_env_overrides().get("preset", self.preset)
         self.series_names = channel_names_of(dataset_json)
+        check_training_setup(plans, configuration, fold, dataset_json, self.series_names)
         self.token_size = get_preset(preset).token_size
         planned = list(PlansManager(plans).get_configuration(configuration).patch_size)
         fitted = fit_patch_to_tokens(planned, self.token_size, configuration)
@@ -66,6 +68,9 @@ class CSMPretrainer(nnUNetTrainer):
         self.initial_lr = 1e-3  # paper IV.A
         self.weight_decay = 0.05
         self.enable_deep_supervision = False
+        # checkpoint_latest after every epoch (nnU-Net: every 50), so a crash or kill -9 loses at most the epoch in
+        # progress; docs/reliability.md has the cost (about 1.3 GB and a few seconds per write for B16)
+        self.save_every = 1
         apply_env_overrides(self, self.print_to_log_file, skip=("crop_size",))
         if list(fitted) != planned:
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size "
@@ -147,13 +152,16 @@ class CSMPretrainer(nnUNetTrainer):
         return self.masker(B, net.num_groups, net.num_patches, present=present, generator=generator,
                            device=self.device)
 
-    def _reseed(self, stream: int) -> None:
-        """Masks are a function of (seed, epoch, stream, rank): reproducible after ``--c`` and different per rank."""
+    def _reseed(self, stream: int, epoch: int | None = None) -> None:
+        """Masks are a function of (seed, epoch, stream, rank) (:func:`~csm_nnunet.masking.mask_seed`): reproducible
+        after ``--c`` and different per DDP rank. ``epoch`` defaults to the current one."""
         rank = dist.get_rank() if self.is_ddp else 0
-        self._mask_generator.manual_seed(hash((self.mask_seed, self.current_epoch, stream, rank)) % (2 ** 63))
+        epoch = self.current_epoch if epoch is None else epoch
+        self._mask_generator.manual_seed(mask_seed(self.mask_seed, epoch, stream, rank))
 
     # ---------------------------------------------------------------- steps
     def _loss(self, batch: dict) -> torch.Tensor:
+        check_finite_batch(batch["data"], batch.get("keys"), self.preprocessed_dataset_folder)
         data = batch["data"].to(self.device, non_blocking=True)
         mask = self.draw_mask(batch, self._mask_generator)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -161,7 +169,7 @@ class CSMPretrainer(nnUNetTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        self._reseed(stream=0)
+        self._reseed(TRAIN_STREAM)
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -174,9 +182,8 @@ class CSMPretrainer(nnUNetTrainer):
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
-        # the same masks every epoch, so validation losses of different epochs are comparable
-        rank = dist.get_rank() if self.is_ddp else 0
-        self._mask_generator.manual_seed(self.mask_seed + 7919 * (rank + 1))
+        # the same masks every epoch (epoch fixed at 0), so validation losses of different epochs are comparable
+        self._reseed(VALIDATION_STREAM, epoch=0)
 
     def validation_step(self, batch: dict) -> dict:
         return {"loss": self._loss(batch).detach().cpu().numpy()}

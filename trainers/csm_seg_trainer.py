@@ -28,6 +28,7 @@ from csm_nnunet.trainer_utils import (
     fit_patch_to_tokens,
     save_trainer_checkpoint,
 )
+from csm_nnunet.validate import check_finite_batch, check_training_setup
 
 # Written into the plans.json copy in the results folder so the static network builder (used by nnUNetv2_predict,
 # which knows only plans and configuration) rebuilds exactly the trained network.
@@ -54,6 +55,7 @@ class CSMSegTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         preset = read_env_overrides().get("preset", self.preset)
         self.series_names = channel_names_of(dataset_json)
+        check_training_setup(plans, configuration, fold, dataset_json, self.series_names)
         token = get_preset(preset).token_size
         planned = list(PlansManager(plans).get_configuration(configuration).patch_size)
         fitted = fit_patch_to_tokens(planned, token, configuration)
@@ -66,6 +68,9 @@ class CSMSegTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3  # paper IV.A fine-tuning
         self.weight_decay = 0.01
+        # checkpoint_latest after every epoch (nnU-Net: every 50), so a crash or kill -9 loses at most the epoch in
+        # progress; docs/reliability.md has the cost (about 1.5 GB and a few seconds per write for B16)
+        self.save_every = 1
         apply_env_overrides(self, self.print_to_log_file, skip=("mask_seed", "crop_size"))
         if list(fitted) != planned:
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size {token}; "
@@ -109,8 +114,16 @@ class CSMSegTrainer(nnUNetTrainer):
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
 
     def train_step(self, batch: dict) -> dict:
-        """Random series dropout (:func:`csm_nnunet.trainer_utils.drop_random_series`), then nnU-Net's step."""
+        """Random series dropout (:func:`csm_nnunet.trainer_utils.drop_random_series`), then nnU-Net's step. A batch
+        with NaN/Inf voxels is refused first (nnU-Net's step would train on it and turn the weights into NaN)."""
+        check_finite_batch(batch["data"], batch.get("keys"), self.preprocessed_dataset_folder)
         return super().train_step({**batch, "data": drop_random_series(batch["data"], self.series_dropout)})
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step, after the same NaN/Inf check (a NaN pseudo-Dice would silently stop
+        checkpoint_best from ever improving)."""
+        check_finite_batch(batch["data"], batch.get("keys"), self.preprocessed_dataset_folder)
+        return super().validation_step(batch)
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically with CPU tensors (see :func:`save_trainer_checkpoint`)."""
