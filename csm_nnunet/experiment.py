@@ -301,6 +301,11 @@ class Context:
         summary["wall_s"] = round(time.time() - self.t_start, 1)
         write_text_atomically(results_json, json.dumps(summary, indent=1))
         write_text_atomically(join(self.out, md), markdown(summary))
+        if summary["arms"]:
+            scores, cols = summary_scores(summary)
+            plot_scores(scores, cols, join(self.out, md[: -len(".md")] + ".png"),
+                        f"{summary['dataset']}: {len(summary['split']['labelled'])} labelled, "
+                        f"{len(summary['split']['val'])} held-out, {summary['steps']['finetune']} steps")
 
 
 def prepare(args: argparse.Namespace) -> Context:
@@ -510,12 +515,68 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) -> list[str]:
-    """Markdown lines: mean ± sd (sample sd, n-1) per arm over its repeats ``arm``, ``arm@2``, ...; empty when no
-    arm is repeated. A metric that is undefined in a run (None/NaN) is left out of that arm's mean and counted."""
+def _group_repeats(scores: dict[str, dict[str, float | None]]) -> dict[str, list[dict]]:
+    """``{"csm": ..., "csm@2": ...}`` -> ``{"csm": [run 1, run 2]}`` (arm order kept)."""
     groups: dict[str, list[dict]] = {}
     for arm, d in scores.items():
         groups.setdefault(arm.partition("@")[0], []).append(d)
+    return groups
+
+
+def _values(runs: list[dict], col: str) -> list[float]:
+    """The defined (not None/NaN) values of ``col`` over the runs of one arm."""
+    return [float(r[col]) for r in runs if r.get(col) is not None and r[col] == r[col]]
+
+
+def plot_scores(scores: dict[str, dict[str, float | None]], cols: list[str], png: str, title: str) -> None:
+    """Grouped bars per metric: one bar per arm at its mean over repeats, the sample sd as an error bar, and every
+    run as a dot, so a reader sees the spread and not only the mean. Written atomically (``png`` + ``.tmp.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group_repeats(scores)
+    width = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 0.25 * len(cols) * len(groups)), 4.2))
+    for i, (arm, runs) in enumerate(groups.items()):
+        xs = np.arange(len(cols)) + (i - (len(groups) - 1) / 2) * width
+        means = [np.mean(_values(runs, c)) if _values(runs, c) else np.nan for c in cols]
+        sds = [np.std(_values(runs, c), ddof=1) if len(_values(runs, c)) > 1 else 0.0 for c in cols]
+        ax.bar(xs, means, width, yerr=sds, capsize=3, label=f"{arm} (n={len(runs)})", alpha=0.8)
+        for x, c in zip(xs, cols):
+            vals = _values(runs, c)
+            ax.plot([x] * len(vals), vals, "k.", markersize=4)
+    ax.set_xticks(np.arange(len(cols)), cols)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    tmp = png[: -len(".png")] + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def summary_scores(summary: dict) -> tuple[dict[str, dict[str, float | None]], list[str]]:
+    """Per-arm held-out scores on complete cases and their column names: Dice per region (seg) or AUC, accuracy,
+    sensitivity, specificity (cls)."""
+    arms = summary["arms"]
+    if summary.get("study") == "cls":
+        keys = ["auc", "accuracy", "sensitivity", "specificity"]
+        return {arm: {k: r["metrics"]["complete"][k] for k in keys} for arm, r in arms.items()}, keys
+    scores = {arm: r["dice"]["complete"] for arm, r in arms.items()}
+    return scores, list(next(iter(scores.values()))) if scores else []
+
+
+def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) -> list[str]:
+    """Markdown lines: mean ± sd (sample sd, n-1) per arm over its repeats ``arm``, ``arm@2``, ...; empty when no
+    arm is repeated. A metric that is undefined in a run (None/NaN) is left out of that arm's mean and counted."""
+    groups = _group_repeats(scores)
     if all(len(g) == 1 for g in groups.values()):
         return []
     lines = ["", "Mean ± sd over the repeats of each arm (n runs):", "",
@@ -523,7 +584,7 @@ def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) ->
     for arm, runs in groups.items():
         cells = []
         for c in cols:
-            vals = [float(r[c]) for r in runs if r.get(c) is not None and r[c] == r[c]]
+            vals = _values(runs, c)
             if not vals:
                 cells.append("n/a")
             elif len(vals) == 1:

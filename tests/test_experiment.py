@@ -134,3 +134,22 @@ def test_repeat_table_mean_and_sd():
                           "csm@2": {"wt": None}}, ["wt"])
     assert "| scratch | 2 | 0.850 ± 0.071 |" in lines and "| csm | 2 | 0.700 (1) |" in lines
     assert repeat_table({"scratch": {"wt": 0.9}, "csm": {"wt": 0.7}}, ["wt"]) == []
+
+
+def test_plot_scores_writes_a_png_from_a_results_summary(tmp_path):
+    from csm_nnunet.experiment import plot_scores, summary_scores
+
+    summary = {"study": "seg", "arms": {
+        "scratch": {"dice": {"complete": {"whole tumour": 0.9, "core": 0.5}}},
+        "scratch@2": {"dice": {"complete": {"whole tumour": 0.8, "core": None}}},
+        "csm": {"dice": {"complete": {"whole tumour": 0.95, "core": 0.6}}}}}
+    scores, cols = summary_scores(summary)
+    assert cols == ["whole tumour", "core"] and scores["scratch@2"]["core"] is None
+    png = tmp_path / "results_seg.png"
+    plot_scores(scores, cols, str(png), "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results_seg.png"]  # no temporary file left
+    cls = {"study": "cls", "arms": {"csm": {"metrics": {"complete": {"auc": 0.7, "accuracy": 0.6, "sensitivity": 1.0,
+                                                                     "specificity": 0.0}}}}}
+    assert summary_scores(cls) == ({"csm": {"auc": 0.7, "accuracy": 0.6, "sensitivity": 1.0, "specificity": 0.0}},
+                                   ["auc", "accuracy", "sensitivity", "specificity"])
