@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -27,15 +26,13 @@ import numpy as np
 import pytest
 import torch
 from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
+from ddp_worker import PATCH, SERIES, ddp_worker, epoch_masks, pretrainer_stub
 from e2e_helpers import BIN, SHORT, fold_dir
 
 from csm_nnunet.masking import TRAIN_STREAM, VALIDATION_STREAM, CrossSeriesMasker, mask_seed
 from csm_nnunet.network import CSMMaskedAutoencoder
 from csm_nnunet.segmentation import CSMSegmentationNetwork
-from csm_nnunet.trainer_utils import backward_and_step, save_checkpoint_atomically, save_trainer_checkpoint
-
-SERIES = ["T1", "T1ce", "T2", "FLAIR"]
-PATCH = (32, 32, 32)
+from csm_nnunet.trainer_utils import backward_and_step, save_checkpoint_atomically
 
 
 # ------------------------------------------------------------------ atomic checkpoints
@@ -222,108 +219,21 @@ def test_mask_seed_is_a_fixed_function_of_its_arguments():
     assert len(seeds) == 2 * 4 * 2 * 3 and all(0 <= s < 2 ** 63 for s in seeds)
 
 
-def _pretrainer_stub(epoch: int, rank: int | None = None) -> CSMPretrainer:
-    """A ``CSMPretrainer`` holding only what its mask and reduction hooks read (no plans, data or network), so those
-    hooks run unchanged without nnU-Net training; ``rank`` None means no DDP."""
-    trainer = CSMPretrainer.__new__(CSMPretrainer)
-    trainer.__dict__.update(is_ddp=rank is not None, local_rank=rank or 0, mask_seed=CSMPretrainer.mask_seed,
-                            current_epoch=epoch, _mask_generator=torch.Generator(), network=torch.nn.Identity())
-    return trainer
-
-
-def _epoch_masks(trainer: CSMPretrainer, iterations: int = 3) -> list[torch.Tensor]:
-    """The masks of one training epoch as the pretrainer draws them: reseeded at the epoch start, then one draw per
-    iteration from the running generator."""
-    trainer._reseed(TRAIN_STREAM)
-    masker = CrossSeriesMasker(0.75)
-    return [masker(2, 4, 8, generator=trainer._mask_generator).visible for _ in range(iterations)]
-
-
 def test_pretrainer_masks_are_reproducible_per_epoch_and_iteration():
-    run = [_epoch_masks(_pretrainer_stub(e)) for e in range(3)]
-    resumed = _epoch_masks(_pretrainer_stub(2))  # a fresh process after --c starts at epoch 2
+    run = [epoch_masks(pretrainer_stub(e)) for e in range(3)]
+    resumed = epoch_masks(pretrainer_stub(2))  # a fresh process after --c starts at epoch 2
     assert all(torch.equal(a, b) for a, b in zip(run[2], resumed))
     assert not torch.equal(run[0][0], run[1][0]) and not torch.equal(run[0][0], run[0][1])
     # validation masks are the same every epoch, so validation losses stay comparable
     val = []
     for e in (0, 7):
-        trainer = _pretrainer_stub(e)
+        trainer = pretrainer_stub(e)
         trainer.on_validation_epoch_start()
         val.append(CrossSeriesMasker(0.75)(2, 4, 8, generator=trainer._mask_generator).visible)
     assert torch.equal(*val)
 
 
 # ------------------------------------------------------------------ DDP on CPU: gloo, two processes
-def _ddp_worker(rank: int, world_size: int, rendezvous: str, outs: list[str]) -> None:
-    import torch.distributed as dist
-    from nnunetv2.training.logging.nnunet_logger import MetaLogger
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    try:
-        result: dict = {}
-        # (a) the pretrainer's own seeding, as every rank of nnU-Net's DDP run calls it
-        trainer = _pretrainer_stub(epoch=1, rank=rank)
-        result["masks"] = _epoch_masks(trainer)
-        result["masks_again"] = _epoch_masks(trainer)
-
-        # (b) loss reductions: the train loss by nnU-Net's on_train_epoch_end (the pretrainer keeps it), the
-        # validation reconstruction loss by the pretrainer's own on_validation_epoch_end
-        assert CSMPretrainer.on_train_epoch_end is nnUNetTrainer.on_train_epoch_end
-        trainer.logger, trainer.current_epoch = MetaLogger(os.path.dirname(outs[rank]), False), 0
-        trainer.on_train_epoch_end([{"loss": np.array(1.0 + rank)}, {"loss": np.array(3.0 + rank)}])
-        trainer.on_validation_epoch_end([{"loss": np.array(10.0 * (rank + 1))}])
-        result["train_loss"] = trainer.logger.get_value("train_losses", step=-1)
-        result["val_loss"] = trainer.logger.get_value("val_losses", step=-1)
-
-        # (c) DDP steps of the masked autoencoder with different masks per rank. On rank 1 series 2 is absent and
-        # series 3 hidden whole in every case, so whole token groups go unused there (and the sparse encoder never
-        # uses its mask token): DDP's reducer must still get a gradient for every trainable parameter.
-        torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts rank 0's)
-        net = CSMMaskedAutoencoder(SERIES, PATCH, "tiny")
-        reference = copy.deepcopy(net)  # the same weights outside DDP: each rank's own gradient of step 0
-        ddp = DDP(net)
-        trainable = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-3)
-        for step in range(2):  # a parameter without gradient fails at the *second* forward
-            x = torch.randn(2, len(SERIES), *PATCH, generator=torch.Generator().manual_seed(100 * rank + step))
-            present = torch.ones(2, len(SERIES), dtype=torch.bool)
-            if rank == 0:
-                mask = CrossSeriesMasker(0.75)(2, len(SERIES), net.num_patches, generator=trainer._mask_generator)
-            else:
-                present[:, 2] = False
-                mask = CrossSeriesMasker(0.75, "off")(2, len(SERIES), net.num_patches, present=present,
-                                                      generator=trainer._mask_generator)
-                mask.visible[:, 3] = False
-                mask.hidden_series[:, 3] = True
-                mask.scored[:, 3] = True
-            opt.zero_grad(set_to_none=True)
-            ddp(x, mask).loss.backward()
-            if step == 0:  # DDP's gradient vs. the mean of the two ranks' own gradients
-                own = torch.autograd.grad(reference(x, mask).loss,
-                                          [p for p in reference.parameters() if p.requires_grad])
-                own = torch.cat([g.flatten() for g in own])
-                gathered = [torch.zeros_like(own) for _ in range(world_size)]
-                dist.all_gather(gathered, own)
-                result["grad_mean_of_ranks"] = torch.stack(gathered).mean(0)
-                result["grad_ddp"] = torch.cat([p.grad.flatten() for p in trainable])
-            opt.step()
-        result["weights"] = torch.cat([p.detach().flatten() for p in net.parameters()])
-
-        # (d) every rank calls save_checkpoint (nnU-Net's on_epoch_end does); only rank 0 may write
-        state = SimpleNamespace(local_rank=dist.get_rank(), disable_checkpointing=False, optimizer=opt,
-                                grad_scaler=None, logger=trainer.logger, _best_ema=None, current_epoch=0,
-                                my_init_kwargs={}, inference_allowed_mirroring_axes=None)
-        save_trainer_checkpoint(state, net, os.path.join(os.path.dirname(outs[rank]), "checkpoint_latest.pth"),
-                                written_by=rank)
-        dist.barrier()
-        torch.save(result, outs[rank])
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_with_gloo_masks_reductions_gradients_and_rank0_checkpoints(tmp_path):
     import torch.multiprocessing as mp
 
@@ -331,7 +241,7 @@ def test_ddp_with_gloo_masks_reductions_gradients_and_rank0_checkpoints(tmp_path
     folder = tmp_path / "fold_all"
     folder.mkdir()
     outs = [str(folder / f"rank{r}.pt") for r in range(world)]
-    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "rendezvous"), outs), nprocs=world)
+    mp.spawn(ddp_worker, args=(world, str(tmp_path / "rendezvous"), outs), nprocs=world)
     r0, r1 = (torch.load(o, weights_only=False) for o in outs)
 
     # (a) different masks per rank, each reproducible, and the masks a single process computes for that rank
