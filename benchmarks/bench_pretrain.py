@@ -9,6 +9,10 @@ a. ``sparse-dense``   one optimiser step of :class:`~csm_nnunet.network.CSMMaske
 b. ``trainer-steps``  ``CSMPretrainer.train_step`` vs ``nnUNetTrainer.train_step`` on the same synthetic 4-series
                       dataset and 3d_fullres plan, plus the cost of producing one batch with nnU-Net's loader.
 c. ``pretrain-run``   peak RSS and wall time of a short ``nnUNetv2_train ... -tr CSMPretrainer -device cpu`` run.
+d. ``monai``          (only with ``--only monai``; needs ``pip install monai``, a benchmark-only dependency) our
+                      optimiser step against MONAI's ``MaskedAutoEncoderViT``, what users would otherwise pick: the
+                      same encoder width/depth/heads (ViT-B/16) and decoder (384 wide, 4 deep), 4 series fused into
+                      one token per patch (4x fewer tokens than ours), 96^3, batch 2, mask ratio 0.875.
 
 Usage::
 
@@ -54,8 +58,9 @@ PRESET = "B16"
 THREADS = 2
 DATASET_NAME = "CSMBench"
 SECTIONS = ("sparse-dense", "trainer-steps", "pretrain-run")
+OPTIONAL_SECTIONS = ("monai",)  # need an extra package; run with --only
 # Targets the package promises (docs/benchmarks.md); only used to print pass/fail next to the measurement.
-TARGETS = {"dense_over_sparse_min": 4.0, "csm_over_nnunet_max": 0.5, "peak_rss_gb_max": 6.0}
+TARGETS = {"dense_over_sparse_min": 4.0, "csm_over_nnunet_max": 0.5, "peak_rss_gb_max": 6.0, "csm_over_monai_max": 2.0}
 # Section c: 1 epoch of 3 iterations and 1 validation batch reaches everything that holds memory in a long run
 # (activations, gradients, AdamW state, loader, checkpoint save) in about a minute.
 PRETRAIN_RUN_ENV = {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "3", "CSM_VAL_ITERS": "1"}
@@ -294,6 +299,88 @@ def bench_sparse_dense(rep: Repeats) -> dict[str, Any]:
     result["dense_over_sparse_forward_backward"] = (
         median([f + b for f, b in zip(rec["dense"]["forward"], rec["dense"]["backward"], strict=True)])
         / median([f + b for f, b in zip(rec["sparse"]["forward"], rec["sparse"]["backward"], strict=True)]))
+    del nets, opts
+    gc.collect()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ d. vs MONAI's MAE
+def monai_patches(x: torch.Tensor, token: int) -> torch.Tensor:
+    """``[B, C, X, Y, Z] -> [B, N, C * token^3]`` in the order of MONAI's convolutional patch embedding (grid
+    positions x-major, as ``Conv3d(...).flatten(2)``), the target its decoder predicts."""
+    B, C, X, Y, Z = x.shape
+    gx, gy, gz = X // token, Y // token, Z // token
+    x = x.reshape(B, C, gx, token, gy, token, gz, token).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(B, gx * gy * gz, C * token ** 3)
+
+
+def bench_monai(rep: Repeats) -> dict[str, Any]:
+    """Interleave our step (the ``sparse`` network of section a) and a MONAI ``MaskedAutoEncoderViT`` step with the
+    same encoder and decoder sizes; both: zero_grad, forward, MSE on the masked patches, backward, clip 1.0, AdamW.
+    MONAI masks inside its forward (a random shuffle, cheap); ours is drawn outside the clock, as in section a."""
+    try:
+        from monai.networks.nets import MaskedAutoEncoderViT
+    except ImportError as e:
+        raise SystemExit(f"section monai needs MONAI, a benchmark-only dependency: pip install monai ({e})") from e
+    import monai
+
+    from csm_nnunet.masking import CrossSeriesMasker
+    from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
+    from csm_nnunet.optim import adamw
+
+    p = get_preset(PRESET)
+    seed_everything(0)
+    ours = CSMMaskedAutoencoder(SERIES, PATCH, PRESET, sparse_encoder=True)
+    theirs = MaskedAutoEncoderViT(
+        in_channels=len(SERIES), img_size=PATCH, patch_size=p.token_size, hidden_size=p.embed_dim,
+        mlp_dim=4 * p.embed_dim, num_layers=p.depth, num_heads=p.num_heads, masking_ratio=MASK_RATIO,
+        decoder_hidden_size=p.decoder_dim, decoder_mlp_dim=4 * p.decoder_dim, decoder_num_layers=p.decoder_depth,
+        decoder_num_heads=p.decoder_heads, qkv_bias=True, spatial_dims=3)
+    nets = {"csm": ours, "monai": theirs}
+    opts = {k: adamw([{"params": list(n.parameters()), "weight_decay": 0.05}], lr=1e-3, betas=(0.9, 0.95))
+            for k, n in nets.items()}
+    for n in nets.values():
+        n.train()
+    x = torch.randn(BATCH, len(SERIES), *PATCH, generator=torch.Generator().manual_seed(1))
+    target = monai_patches(x, p.token_size)
+    masker = CrossSeriesMasker(MASK_RATIO)
+    gen = torch.Generator().manual_seed(2)
+
+    def monai_loss() -> torch.Tensor:
+        pred, mask = theirs(x)  # mask [B, N]: 1 = hidden
+        per_patch = ((pred - target) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    steps: dict[str, list[float]] = {k: [] for k in nets}
+    total = rep.sd_warmup + rep.sd_timed
+    for i in range(total):
+        mask = masker(BATCH, len(SERIES), ours.num_patches, generator=gen)
+        for k in (("csm", "monai") if i % 2 == 0 else ("monai", "csm")):
+            net, opt = nets[k], opts[k]
+            with Stopwatch() as step:
+                opt.zero_grad(set_to_none=True)
+                loss = ours(x, mask).loss if k == "csm" else monai_loss()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+            timed = i >= rep.sd_warmup
+            log(f"monai {'timed' if timed else 'warm-up'} {i + 1}/{total} {k}: {step.wall:.2f} s "
+                f"(cpu/wall {step.cpu / step.wall:.2f}, loss {loss.item():.3f})")
+            if timed:
+                steps[k].append(step.wall)
+    n_tok = ours.num_patches
+    result: dict[str, Any] = {
+        "config": {"series": list(SERIES), "patch_size": list(PATCH), "batch_size": BATCH, "preset": PRESET,
+                   "mask_ratio": MASK_RATIO, "monai_version": monai.__version__,
+                   "tokens_per_case": {"csm": len(SERIES) * n_tok, "monai": n_tok},
+                   "parameters_M": {k: round(sum(q.numel() for q in n.parameters()) / 1e6, 2)
+                                    for k, n in nets.items()},
+                   "monai_args": "hidden 768, mlp 3072, 12 layers, 12 heads, decoder 384 / mlp 1536 / 4 layers / "
+                                 "12 heads, qkv_bias, conv patch embedding, sincos positions",
+                   "warmup": rep.sd_warmup, "timed": rep.sd_timed},
+        "csm": {"step_s": summary(steps["csm"])}, "monai": {"step_s": summary(steps["monai"])},
+    }
+    result["csm_over_monai"] = result["csm"]["step_s"]["median"] / result["monai"]["step_s"]["median"]
     del nets, opts
     gc.collect()
     return result
@@ -594,6 +681,14 @@ def markdown_table(res: dict[str, Any]) -> str:
         rows.append(f"| CSM / nnU-Net step | {ts['csm_over_nnunet']:.2f} | <= {target:g} | "
                     f"{ok(ts['csm_over_nnunet'] <= target)} |")
         rows.append(f"| CSM / nnU-Net step, fastest repeat of each | {ts['csm_over_nnunet_best']:.2f} | | |")
+    mo = res.get("vs_monai")
+    if mo:
+        target = TARGETS["csm_over_monai_max"]
+        rows.append(f"| CSM step vs MONAI MaskedAutoEncoderViT step, medians of {mo['config']['timed']} (s) | "
+                    f"{mo['csm']['step_s']['median']:.2f} vs {mo['monai']['step_s']['median']:.2f} | | |")
+        rows.append(f"| CSM / MONAI step ({mo['config']['tokens_per_case']['csm']} vs "
+                    f"{mo['config']['tokens_per_case']['monai']} tokens per case) | {mo['csm_over_monai']:.2f}x | "
+                    f"<= {target:g}x | {ok(mo['csm_over_monai'] <= target)} |")
     pr = res.get("pretrain_run")
     if pr:
         target = TARGETS["peak_rss_gb_max"]
@@ -623,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, same shapes (~5 min instead of ~15)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "cpu.json")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL_SECTIONS, default=list(SECTIONS),
+                        help="run these sections (monai only when named: it needs `pip install monai`)")
     parser.add_argument("--dataset-id", type=int, default=987, help="nnU-Net dataset id of the synthetic data")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep nnU-Net folders and logs here (default: a temporary folder, deleted at the end)")
@@ -640,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "sparse-dense" in args.only:
             res["sparse_vs_dense"] = run_section("sparse-dense", lambda: bench_sparse_dense(rep))
+        if "monai" in args.only:
+            res["vs_monai"] = run_section("monai", lambda: bench_monai(rep))
         if "trainer-steps" in args.only or "pretrain-run" in args.only:
             log(f"writing synthetic dataset and planning in {work}")
             write_synthetic_dataset(work / "nnUNet_raw", args.dataset_id, num_cases=6, shape=PATCH)

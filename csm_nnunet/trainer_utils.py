@@ -126,6 +126,32 @@ def drop_random_series(data: torch.Tensor, probability: float) -> torch.Tensor:
     return out
 
 
+AMP_DTYPES = ("auto", "float16")
+
+
+def configure_amp_dtype(trainer) -> str | None:
+    """Make CUDA autocast run in bfloat16 where the GPU supports it (``trainer.amp_dtype == "auto"``, the default),
+    else keep torch's float16. Returns the dtype name set, or None off CUDA.
+
+    Why the process-wide default (``torch.set_autocast_dtype``) and not a dtype argument: ``CSMSegTrainer`` runs
+    nnU-Net's own ``train_step``/``validation_step``, which call ``autocast("cuda", enabled=True)`` without a dtype;
+    the default is the one switch that reaches those unchanged and our own steps alike, so all trainers agree.
+    bfloat16 has float32's exponent range, so a ViT's attention logits cannot overflow as they can in float16;
+    nnU-Net's GradScaler stays in place (harmless with bfloat16, needed with float16). A training process runs one
+    trainer, so the process-wide setting is the trainer's setting.
+    """
+    choice = getattr(trainer, "amp_dtype", "auto")
+    if choice not in AMP_DTYPES:
+        raise ValueError(f"{type(trainer).__name__}.amp_dtype must be one of {AMP_DTYPES}, got {choice!r}")
+    if trainer.device.type != "cuda":
+        return None
+    dtype = torch.bfloat16 if choice == "auto" and torch.cuda.is_bf16_supported() else torch.float16
+    torch.set_autocast_dtype("cuda", dtype)
+    name = str(dtype).removeprefix("torch.")
+    trainer.print_to_log_file(f"csm-nnunet: CUDA autocast in {name} (amp_dtype={choice!r})")
+    return name
+
+
 def backward_and_step(trainer, loss: torch.Tensor, max_norm: float) -> None:
     """Backward pass, gradient clipping at ``max_norm`` and optimizer step, through the trainer's GradScaler when it
     has one (CUDA AMP, as nnU-Net does it) and plainly otherwise."""

@@ -68,3 +68,32 @@ def test_checkpoint_written_atomically_with_cpu_tensors(tmp_path, monkeypatch):
         save_checkpoint_atomically({"epoch": 4}, str(target))
     monkeypatch.undo()
     assert torch.load(target, weights_only=False)["epoch"] == 3 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_configure_amp_dtype_prefers_bfloat16_on_cuda_and_leaves_cpu_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from csm_nnunet.trainer_utils import configure_amp_dtype
+
+    before = torch.get_autocast_dtype("cuda")
+    logged: list[str] = []
+
+    def trainer(device: str, **kw) -> SimpleNamespace:
+        return SimpleNamespace(device=torch.device(device), print_to_log_file=logged.append, **kw)
+
+    try:
+        assert configure_amp_dtype(trainer("cpu")) is None and torch.get_autocast_dtype("cuda") == before
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert configure_amp_dtype(trainer("cuda")) == "bfloat16"
+        assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and "bfloat16" in logged[-1]
+        assert configure_amp_dtype(trainer("cuda", amp_dtype="float16")) == "float16"
+        assert torch.get_autocast_dtype("cuda") == torch.float16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+        assert configure_amp_dtype(trainer("cuda")) == "float16"
+        with pytest.raises(ValueError, match="amp_dtype must be one of"):
+            configure_amp_dtype(trainer("cuda", amp_dtype="fp8"))
+    finally:
+        torch.set_autocast_dtype("cuda", before)

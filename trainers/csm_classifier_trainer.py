@@ -61,6 +61,7 @@ from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.trainer_utils import (
     backward_and_step,
     channel_names_of,
+    configure_amp_dtype,
     drop_random_series,
     fit_patch_to_tokens,
     save_trainer_checkpoint,
@@ -110,6 +111,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
     """
 
     preset: str = "B16"
+    amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     class_balanced: bool = False
     series_dropout: float = 0.2
     layer_decay: float | None = None
@@ -157,6 +159,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
         self.oversample_foreground_percent = 1.0  # every crop on the ROI
         self.save_every = 1  # checkpoint_latest every epoch (nnU-Net: every 50), like our other trainers
         apply_env_overrides(self, self.print_to_log_file, skip=("num_val_iterations_per_epoch", "mask_seed"))
+        configure_amp_dtype(self)  # bfloat16 autocast on GPUs that have it (see the function)
         self.crop_size = crop
         self.num_val_iterations_per_epoch = 0  # validation is per case, see on_validation_epoch_end
         counts = {n: sum(v == i for v in self.class_labels.values()) for i, n in enumerate(self.class_names)}

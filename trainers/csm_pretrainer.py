@@ -31,6 +31,7 @@ from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.trainer_utils import (
     backward_and_step,
     channel_names_of,
+    configure_amp_dtype,
     fit_patch_to_tokens,
     save_trainer_checkpoint,
 )
@@ -51,6 +52,7 @@ class CSMPretrainer(nnUNetTrainer):
     fused_tokens: bool = False
     norm_pix_loss: bool = False
     preset: str = "B16"
+    amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     warmup_fraction: float = 0.05
     snapshot_every: int = 50
     mask_seed: int = 12345
@@ -72,6 +74,7 @@ class CSMPretrainer(nnUNetTrainer):
         # progress; docs/reliability.md has the cost (about 1.3 GB and a few seconds per write for B16)
         self.save_every = 1
         apply_env_overrides(self, self.print_to_log_file, skip=("crop_size",))
+        configure_amp_dtype(self)  # bfloat16 autocast on GPUs that have it (see the function)
         if list(fitted) != planned:
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size "
                                    f"{self.token_size}; sampling {list(fitted)} instead (rounded down per axis).")

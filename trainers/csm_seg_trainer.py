@@ -24,6 +24,7 @@ from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.segmentation import CSMSegmentationNetwork, SeriesTokenEncoder
 from csm_nnunet.trainer_utils import (
     channel_names_of,
+    configure_amp_dtype,
     drop_random_series,
     fit_patch_to_tokens,
     save_trainer_checkpoint,
@@ -45,6 +46,7 @@ class CSMSegTrainer(nnUNetTrainer):
     """
 
     preset: str = "B16"
+    amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     fusion: str = "attention"
     series_dropout: float = 0.2
     layer_decay: float | None = None
@@ -72,6 +74,7 @@ class CSMSegTrainer(nnUNetTrainer):
         # progress; docs/reliability.md has the cost (about 1.5 GB and a few seconds per write for B16)
         self.save_every = 1
         apply_env_overrides(self, self.print_to_log_file, skip=("mask_seed", "crop_size"))
+        configure_amp_dtype(self)  # bfloat16 autocast on GPUs that have it (see the function)
         if list(fitted) != planned:
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size {token}; "
                                    f"using {list(fitted)} (rounded down per axis) for training and inference.")
