@@ -2,9 +2,19 @@
 
 :class:`CSMClassificationNetwork` is the fine-tuning encoder of :class:`csm_nnunet.segmentation.SeriesTokenEncoder`
 (so :mod:`csm_nnunet.adapt` loads CSM/MAE pretraining checkpoints into it exactly as into the segmentation network),
-followed by a masked mean over the tokens of the present series, a LayerNorm and a linear head. Mean pooling is what
-MAE fine-tuning uses for classification; it weighs every present token equally, so a case with a missing series is
-the mean over the tokens it has, never over zeros.
+followed by a pooling of the encoder's output tokens and a linear head.
+
+Pooling (``pooling``):
+
+* ``"centre"`` (default): per series, a Gaussian-weighted mean of the tokens around the centre of the crop, the
+  series' vectors normalised and concatenated in series order (an absent series gets a learned "absent" vector), then
+  the head. Crops are centred on the region of interest (the lesion) in training, validation and ``classify`` alike,
+  so the centre is where the class is. Why not the mean over all tokens: with few labelled cases the lesion's few
+  tokens drown in the mean over every token of every series; a logistic regression on the (frozen, even random)
+  encoder's centre token per series separates held-out cases perfectly where the same on the all-token mean is at
+  chance (docs/experiments.md). Concatenating by series keeps "bright in DWI *and* dark in ADC" linearly readable.
+* ``"mean"``: MAE's classification pooling, the mean over every token of the present series (a missing series is
+  left out of the mean, never counted as zeros).
 """
 
 from __future__ import annotations
@@ -18,9 +28,20 @@ from torch import nn
 from csm_nnunet.network import ViTPreset
 from csm_nnunet.segmentation import SeriesTokenEncoder
 
+POOLINGS = ("centre", "mean")
+
+
+def centre_weights(grid: Sequence[int], sigma_tokens: float) -> torch.Tensor:
+    """``[N]`` weights (sum 1) of the token grid's positions, Gaussian in the distance from the grid centre in token
+    units (x-major order, as :func:`csm_nnunet.network.patchify_groups` orders patches)."""
+    axes = [torch.arange(g, dtype=torch.float32) - (g - 1) / 2 for g in grid]
+    d2 = sum(a ** 2 for a in torch.meshgrid(*axes, indexing="ij"))
+    w = torch.exp(-d2 / (2 * float(sigma_tokens) ** 2)).flatten()
+    return w / w.sum()
+
 
 class CSMClassificationNetwork(SeriesTokenEncoder):
-    """Series-tokenized ViT encoder + masked mean pooling + linear head.
+    """Series-tokenized ViT encoder + pooling (see the module docstring) + linear head.
 
     ``x [B, S, X, Y, Z]`` (one channel per series; ``present [B, S]`` optional, default: a series is absent when its
     channel is all zero while another is not) -> logits ``[B, num_classes]``.
@@ -28,33 +49,52 @@ class CSMClassificationNetwork(SeriesTokenEncoder):
     Args:
         num_classes: number of classes (>= 2).
         dropout: dropout before the head (0 by default; small datasets may want 0.1-0.3).
+        pooling: ``"centre"`` or ``"mean"``.
+        centre_sigma: width of the centre weighting in tokens (0.5: the centre token holds about half the weight
+            on a 3^3 grid).
         Other arguments as :class:`~csm_nnunet.segmentation.SeriesTokenEncoder`.
     """
 
     def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
                  token_size: int | None = None, series_names: Sequence[str] | None = None,
-                 fused_tokens: bool = False, dropout: float = 0.0):
+                 fused_tokens: bool = False, dropout: float = 0.0, pooling: str = "centre",
+                 centre_sigma: float = 0.5):
         super().__init__(num_series, patch_size, preset, token_size, series_names, fused_tokens)
         self.num_classes = int(num_classes)
         if self.num_classes < 2:
             raise ValueError(f"a classifier needs >= 2 classes, got num_classes={num_classes}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if centre_sigma <= 0:
+            raise ValueError(f"centre_sigma must be > 0 (tokens), got {centre_sigma}")
+        self.pooling = pooling
         D = self.preset.embed_dim
         self.head_norm = nn.LayerNorm(D)
         self.head_drop = nn.Dropout(float(dropout))
-        self.head = nn.Linear(D, self.num_classes)
+        if pooling == "centre":
+            self.register_buffer("centre_weight", centre_weights(self.grid, centre_sigma), persistent=False)
+            self.absent_embed = nn.Parameter(torch.zeros(self.num_groups, D))
+            nn.init.normal_(self.absent_embed, std=0.02)
+            self.head = nn.Linear(self.num_groups * D, self.num_classes)
+        else:
+            self.head = nn.Linear(D, self.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)  # small logits at the start: the loss starts near log(K)
         nn.init.zeros_(self.head.bias)
 
     def pooled_features(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, D]``: the mean of the encoder's output tokens over every patch of the present series."""
+        """``[B, F]`` features for the head: ``F = G * D`` (centre pooling, G token groups) or ``D`` (mean)."""
         x, _, groups = self._prepare_inputs(x, present)
         tokens = self.forward_encoder(x, groups, (self.preset.depth,))[0]  # [B, G, N, D], zeros at absent series
+        if self.pooling == "centre":
+            per_series = self.head_norm(torch.einsum("bgnd,n->bgd", tokens, self.centre_weight.to(tokens.dtype)))
+            per_series = torch.where(groups[:, :, None], per_series, self.absent_embed[None].to(per_series.dtype))
+            return per_series.flatten(1)
         weight = groups.to(tokens.dtype)[:, :, None, None]
         count = weight.sum(1) * self.num_patches  # [B, 1, 1]
-        return (tokens * weight).sum((1, 2)) / count.reshape(-1, 1)
+        return self.head_norm((tokens * weight).sum((1, 2)) / count.reshape(-1, 1))
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.head_drop(self.head_norm(self.pooled_features(x, present))))
+        return self.head(self.head_drop(self.pooled_features(x, present)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -261,3 +261,21 @@ def test_layer_decay_scales_blocks_and_embeddings():
     assert scale_of[id(net.head.weight)] == 1.0
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert wd[id(net.head.weight)] == 0.01 and wd[id(net.head.bias)] == 0.0 and wd[id(net.series_embed)] == 0.0
+
+
+def test_centre_pooling_weights_and_both_poolings_build():
+    from csm_nnunet.classification import centre_weights
+
+    w = centre_weights((3, 3, 3), 0.5)
+    assert w.shape == (27,) and torch.isclose(w.sum(), torch.tensor(1.0)) and int(w.argmax()) == 13
+    assert 0.4 < float(w[13]) < 0.6  # about half the weight on the centre token at sigma 0.5
+    assert torch.allclose(w, w.flip(0))  # symmetric about the centre
+    even = centre_weights((2, 2, 2), 0.5)  # an even grid: the 8 tokens around the centre point weigh the same
+    assert torch.allclose(even, torch.full((8,), 1 / 8))
+    D = make().preset.embed_dim
+    assert make().head.in_features == 3 * D and make(pooling="mean").head.in_features == D
+    x = torch.randn(2, 3, *PATCH)
+    with torch.no_grad():
+        assert make(pooling="mean").eval()(x).shape == (2, 2)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        make(pooling="max")

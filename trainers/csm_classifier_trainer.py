@@ -103,11 +103,12 @@ class ROIDataLoader(nnUNetDataLoader):
 
 
 class CSMClassifierTrainer(nnUNetTrainer):
-    """Series-tokenized ViT encoder (scratch or ``-pretrained_weights``) + masked mean pooling + linear head.
+    """Series-tokenized ViT encoder (scratch or ``-pretrained_weights``) + pooling + linear head.
 
     Class attributes: ``preset`` (CSM_PRESET), ``class_balanced`` (class-weighted cross-entropy), ``series_dropout``,
     ``layer_decay`` (None = off), ``head_dropout``, ``warmup_fraction``, ``fused_tokens`` (the channel-fused-token
-    baseline of :class:`csm_nnunet.segmentation.SeriesTokenEncoder`).
+    baseline of :class:`csm_nnunet.segmentation.SeriesTokenEncoder`), ``pooling`` (``"centre"`` or ``"mean"``, see
+    :mod:`csm_nnunet.classification`).
     """
 
     preset: str = "B16"
@@ -118,6 +119,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
     head_dropout: float = 0.0
     warmup_fraction: float = 0.05
     fused_tokens: bool = False
+    pooling: str = "centre"  # the tokens around the ROI-centred crop's centre, per series ("mean": every token)
     crop_size: int | None = None  # CSM_CROP; None = the plans' patch size
     crop_jitter: int = 0  # voxels the training crop centre may move around the ROI centre, per axis
     # "light": mirroring only; "nnunet": nnU-Net's full training augmentation (per-channel intensity transforms,
@@ -151,7 +153,8 @@ class CSMClassifierTrainer(nnUNetTrainer):
         plans["configurations"][configuration]["patch_size"] = list(fitted)
         plans["configurations"][configuration][PLANS_KEY] = {
             "preset": preset, "series_names": self.series_names, "class_names": self.class_names,
-            "roi_labels": self.roi_labels, "head_dropout": self.head_dropout, "fused_tokens": self.fused_tokens}
+            "roi_labels": self.roi_labels, "head_dropout": self.head_dropout, "fused_tokens": self.fused_tokens,
+            "pooling": self.pooling}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3  # paper IV.A: fine-tuning for all tasks
         self.weight_decay = 0.01
@@ -166,7 +169,8 @@ class CSMClassifierTrainer(nnUNetTrainer):
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} series="
                                f"{self.series_names} classes={counts} roi_labels={self.roi_labels} crop={list(fitted)}"
                                f" class_balanced={self.class_balanced} series_dropout={self.series_dropout} "
-                               f"fused_tokens={self.fused_tokens} augmentation={self.augmentation}")
+                               f"fused_tokens={self.fused_tokens} pooling={self.pooling} "
+                               f"augmentation={self.augmentation}")
         self._val_keys: list[str] | None = None
 
     # ---------------------------------------------------------------- network, loss, optimiser
@@ -183,7 +187,8 @@ class CSMClassifierTrainer(nnUNetTrainer):
         return CSMClassificationNetwork(num_input_channels, len(cfg["class_names"]), configuration_manager.patch_size,
                                         preset=cfg["preset"], series_names=cfg["series_names"],
                                         fused_tokens=bool(cfg.get("fused_tokens", False)),
-                                        dropout=float(cfg.get("head_dropout", 0.0)))
+                                        dropout=float(cfg.get("head_dropout", 0.0)),
+                                        pooling=cfg.get("pooling", "mean"))  # models from before pooling existed
 
     def _unwrapped(self) -> CSMClassificationNetwork:
         mod = self.network.module if self.is_ddp else self.network
