@@ -530,11 +530,13 @@ def _values(runs: list[dict], col: str) -> list[float]:
 
 def plot_scores(scores: dict[str, dict[str, float | None]], cols: list[str], png: str, title: str) -> None:
     """Grouped bars per metric: one bar per arm at its mean over repeats, the sample sd as an error bar, and every
-    run as a dot, so a reader sees the spread and not only the mean. Written atomically (``png`` + ``.tmp.png``)."""
+    run as a dot, so a reader sees the spread and not only the mean. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from csm_nnunet.visualize import save_figure_atomically
 
     groups = _group_repeats(scores)
     width = 0.8 / max(1, len(groups))
@@ -552,14 +554,7 @@ def plot_scores(scores: dict[str, dict[str, float | None]], cols: list[str], png
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
-    tmp = png[: -len(".png")] + ".tmp.png"
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure_atomically(fig, png, dpi=120)
 
 
 def summary_scores(summary: dict) -> tuple[dict[str, dict[str, float | None]], list[str]]:

@@ -39,11 +39,18 @@ def save_reconstruction_png(path: str, original: np.ndarray, visible_input: np.n
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    save_figure_atomically(fig, path, dpi=80)
+
+
+def save_figure_atomically(fig, path: str, dpi: int = 100) -> None:
+    """Save a matplotlib figure to a temporary PNG beside ``path`` and rename it over ``path`` (a crash never leaves
+    half a PNG), then close the figure."""
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
