@@ -388,16 +388,17 @@ def torch_file_problem(path: str) -> str | None:
 
 
 def check_training_setup(plans: Mapping, configuration: str, fold: int | str, dataset_json: Mapping,
-                         series_names: Sequence[str]) -> None:
+                         series_names: Sequence[str]) -> list[str]:
     """What a trainer can check before nnU-Net creates its output folder: dataset.json ``missing_series`` and the
-    preprocessed cases for ``fold`` (see :func:`check_missing_series`, :func:`check_trainable_cases`)."""
+    preprocessed cases for ``fold`` (see :func:`check_missing_series`, :func:`check_trainable_cases`). Returns the
+    preprocessed case ids ([] when ``nnUNet_preprocessed`` is not set)."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     check_missing_series(dataset_json, series_names, source="the preprocessed dataset.json")
     if not nnUNet_preprocessed:
-        return  # nnU-Net itself says that the variable is missing
+        return []  # nnU-Net itself says that the variable is missing
     pm = PlansManager(dict(plans))
     base = join(nnUNet_preprocessed, pm.dataset_name)
-    check_trainable_cases(join(base, pm.get_configuration(configuration).data_identifier), fold,
+    return check_trainable_cases(join(base, pm.get_configuration(configuration).data_identifier), fold,
                           join(base, "splits_final.json"))

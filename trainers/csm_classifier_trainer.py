@@ -133,14 +133,13 @@ class CSMClassifierTrainer(nnUNetTrainer):
         preset = env.get("preset", self.preset)
         crop = env.get("crop_size", self.crop_size)
         self.series_names = channel_names_of(dataset_json)
-        check_training_setup(plans, configuration, fold, dataset_json, self.series_names)
+        # refuses an empty preprocessed folder; returns the case ids the labels are checked against
+        cases = check_training_setup(plans, configuration, fold, dataset_json, self.series_names)
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)
-        folder = join(nnUNet_preprocessed or "", pm.dataset_name, cm.data_identifier)
-        cases = infer_dataset_class(folder).get_identifiers(folder) if os.path.isdir(folder) else []
-        if not cases:
-            raise FileNotFoundError(f"no preprocessed cases in {folder}; run nnUNetv2_plan_and_preprocess for this "
-                                    f"dataset and configuration first")
+        if not cases:  # only when nnUNet_preprocessed is unset
+            raise FileNotFoundError("no preprocessed cases: nnUNet_preprocessed is not set; run "
+                                    "nnUNetv2_plan_and_preprocess for this dataset and configuration first")
         source = join(nnUNet_preprocessed or "$nnUNet_preprocessed", pm.dataset_name, "dataset.json")
         self.class_labels, self.class_names = read_class_labels(dataset_json, cases, source=source)
         self.roi_labels = resolve_roi_labels(dataset_json)
