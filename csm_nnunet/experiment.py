@@ -31,6 +31,7 @@ labels, never the held-out ones). Results: ``<out>/results.json`` and ``<out>/re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,6 +60,14 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),
     "primus-csm": ("nnUNet_Primus_S_Trainer_CSMBudget", "CSMPretrainer", "PrimusS"),
 }
+#: the paper's pretraining ablations (Tables VII, VIII): the same fine-tuning trainer as ``csm``, another pretrainer
+ABLATIONS: dict[str, str] = {
+    "csm-samepos": "CSMPretrainer_SamePositionMask",
+    "csm-noseriesrecon": "CSMPretrainer_SeriesMaskNoRecon",
+    "csm-noseriesmask": "CSMPretrainer_NoSeriesMask",
+    "csm-mask50": "CSMPretrainer_Mask50",
+}
+ARMS.update({arm: ("CSMSegTrainer", pretrainer, None) for arm, pretrainer in ABLATIONS.items()})
 #: label regions reported besides the single labels (BraTS-style for the synthetic brain data)
 REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
     "brain": {"whole tumour": (1, 2, 3), "tumour core": (2, 3), "enhancing": (2,)},
@@ -73,6 +82,13 @@ CLS_ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "fused": ("CSMClassifierTrainer_FusedTokens", None, None),
     "mae": ("CSMClassifierTrainer_FusedTokens", "MAEPretrainer", None),
     "csm-layerdecay": ("CSMClassifierTrainer_LayerDecay", "CSMPretrainer", None),
+    **{arm: ("CSMClassifierTrainer", pretrainer, None) for arm, pretrainer in ABLATIONS.items()},
+}
+#: ``--grid``: the paper's rows (full CSM, its ablations, channel-fused MAE, scratch) plus the channel-fused ViT and,
+#: for segmentation, nnU-Net's default U-Net, so that no comparison is flattering
+GRID_ARMS: dict[str, str] = {
+    "seg": "csm,csm-noseriesrecon,csm-noseriesmask,csm-samepos,csm-mask50,mae,scratch,fused,nnunet",
+    "cls": "csm,csm-noseriesrecon,csm-noseriesmask,csm-samepos,csm-mask50,mae,scratch,fused",
 }
 STUDY_ARMS = {"seg": ARMS, "cls": CLS_ARMS}
 
@@ -156,18 +172,27 @@ def _find_dataset(raw: str, dataset_id: int) -> str:
     return names[0]
 
 
-def write_splits(preprocessed_dataset: str, cases: list[str], n_val: int, n_labelled: int, seed: int
-                 ) -> dict[str, list[str]]:
-    """Held-out cases and the labelled subset, chosen by a seeded permutation (stated in the results)."""
+def write_splits(preprocessed_dataset: str, cases: list[str], n_val: int, n_labelled: int, seed: int,
+                 fractions: tuple[int, ...] = ()) -> dict:
+    """Held-out cases and the labelled subset, chosen by a seeded permutation (stated in the results).
+
+    Folds of ``splits_final.json``: 0 trains on ``n_labelled`` cases, 1 on every non-held-out case (pretraining),
+    ``2 + i`` on ``fractions[i]`` percent of them (at least one case). The labelled subsets are nested prefixes of one
+    permutation, so a larger fraction adds cases to a smaller one instead of drawing others (Table V/VI style)."""
     if n_val < 1 or n_labelled < 1 or n_val + n_labelled > len(cases):
         raise ValueError(f"--val {n_val} + --labelled {n_labelled} must fit the {len(cases)} cases (each >= 1)")
+    bad = [f for f in fractions if not 0 < f <= 100]
+    if bad:
+        raise ValueError(f"--fractions {bad}: label fractions are percentages in (0, 100]")
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     val, pool = sorted(order[:n_val]), order[n_val:]
     labelled = sorted(pool[:n_labelled])
+    by_fraction = {str(f): sorted(pool[: max(1, round(f / 100 * len(pool)))]) for f in fractions}
     splits = [{"train": labelled, "val": val}, {"train": sorted(pool), "val": val}]
-    with open(join(preprocessed_dataset, "splits_final.json"), "w") as f:
-        json.dump(splits, f, indent=1)
-    return {"val": val, "labelled": labelled, "pretraining": sorted(pool)}
+    splits += [{"train": train, "val": val} for train in by_fraction.values()]
+    write_text_atomically(join(preprocessed_dataset, "splits_final.json"), json.dumps(splits, indent=1))
+    out = {"val": val, "labelled": labelled, "pretraining": sorted(pool)}
+    return {**out, "fractions": by_fraction} if fractions else out
 
 
 def zero_series_copy(images_dir: str, out_dir: str, cases: list[str], channel: int | None, file_ending: str) -> None:
@@ -224,6 +249,10 @@ class Context:
     checkpoints: dict[tuple[str, str], str]
     timings: dict[str, float]
     t_start: float
+    #: the fine-tuning fold of splits_final.json (0: ``--labelled``; 2 + i: the i-th ``--fractions`` entry)
+    fold: int = 0
+    #: suffix of this fold's results folders and files (``""``, or ``"_f10"`` for the 10 % label fraction)
+    tag: str = ""
 
     @property
     def cls_tag(self) -> str:
@@ -244,14 +273,15 @@ class Context:
     def train_arm(self, arm: str, trainer: str, pretrainer: str | None, preset: str) -> tuple[str, dict]:
         """Fine-tune one arm on fold 0 (skipped when its checkpoint_final exists); returns its results folder and
         the results-json stub."""
-        results = join(self.out, "results", arm if self.args.study == "seg" else f"cls{self.cls_tag}_{arm}")
+        results = join(self.out, "results",
+                       (arm if self.args.study == "seg" else f"cls{self.cls_tag}_{arm}") + self.tag)
         extra = {**self.length(self.args.epochs), "CSM_PRESET": preset}
         if self.args.study == "cls" and getattr(self.args, "crop", None):
             extra["CSM_CROP"] = str(self.args.crop)
-        fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", "fold_0")
+        fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", f"fold_{self.fold}")
         if not isfile(join(fold_dir, "checkpoint_final.pth")):
-            cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, "0", "-tr", trainer, "-p", PLANS, "-device",
-                   self.args.device]
+            cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, str(self.fold), "-tr", trainer, "-p", PLANS,
+                   "-device", self.args.device]
             if pretrainer is not None:
                 weights = self.checkpoints[self.pretrained_key(arm, pretrainer, preset)]
                 if trainer.startswith("nnUNet_Primus"):
@@ -261,7 +291,8 @@ class Context:
                              f"export_{arm}")
                     weights = exported
                 cmd += ["-pretrained_weights", weights]
-            self.timings[f"train {arm}"] = self.run(cmd, results, extra, f"train_{arm}", epochs=self.args.epochs)
+            self.timings[f"train {arm}{self.tag}"] = self.run(cmd, results, extra, f"train_{arm}{self.tag}",
+                                                               epochs=self.args.epochs)
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
             ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"]}
         if pretrainer is not None:
@@ -290,7 +321,8 @@ class Context:
     def summary(self, results_json: str) -> dict:
         a = self.args
         summary: dict = json.load(open(results_json)) if isfile(results_json) and a.resume else {}
-        summary.update({"study": a.study, "dataset": self.name, "split": self.split, "steps": self.steps,
+        summary.update({"study": a.study, "dataset": self.name, "split": self.split, "fold": self.fold,
+                        "steps": self.steps,
                         "batch": "from the plans", "preset": a.preset,
                         "machine": machine_description(a.threads, a.device)})
         summary.setdefault("arms", {})
@@ -315,7 +347,7 @@ def prepare(args: argparse.Namespace) -> Context:
     raw, pre = join(out, "raw"), join(out, "preprocessed")
     run = Runner(out, args.threads)
     t_start = time.time()
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms = expand_seeds([a.strip() for a in args.arms.split(",") if a.strip()], getattr(args, "seeds", 1))
     unknown = [a for a in arms if arm_spec(a, args.study) is None]
     if unknown:
         raise ValueError(f"unknown {args.study} arm(s) {unknown}; choose from {sorted(STUDY_ARMS[args.study])} "
@@ -354,7 +386,8 @@ def prepare(args: argparse.Namespace) -> Context:
         timings["plan_and_preprocess"] = run(
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-c", CONFIG,
              "-np", "1", "-npfp", "1"], join(out, "results", "_plan"), {"nnUNet_n_proc_DA": "1"}, "plan")
-    split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed)
+    split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed,
+                         tuple(getattr(args, "fractions", None) or ()))
     steps = {"pretrain": args.pretrain_epochs * args.iters, "finetune": args.epochs * args.iters}
     ctx = Context(args, out, run, name, dataset_id, ds, file_ending, split, steps, arms, {}, timings, t_start)
 
@@ -394,7 +427,7 @@ def run_segmentation(ctx: Context) -> dict:
     regions = REGIONS.get(kind, {})
     labels_dir = join(ctx.out, "raw", name, "labelsTr")
     val_images = ctx.missing_inputs()
-    results_json = join(ctx.out, "results.json")
+    results_json = join(ctx.out, f"results{ctx.tag}.json")
     summary = ctx.summary(results_json)
     summary["regions"] = {k: list(v) for k, v in regions.items()}
     for arm in ctx.arms:
@@ -403,17 +436,17 @@ def run_segmentation(ctx: Context) -> dict:
         results, arm_res = ctx.train_arm(arm, trainer, pretrainer, preset)
         arm_res["dice"] = {}
         for label, folder in val_images.items():
-            pred = join(ctx.out, "predictions", arm, label.replace(" ", "_"))
+            pred = join(ctx.out, "predictions", arm + ctx.tag, label.replace(" ", "_"))
             if not isdir(pred) or not any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
-                ctx.timings[f"predict {arm} {label}"] = ctx.run(
-                    ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", "0", "-tr", trainer, "-p",
-                     PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1", "-nps",
-                     "1"],
-                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}")
+                ctx.timings[f"predict {arm}{ctx.tag} {label}"] = ctx.run(
+                    ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", str(ctx.fold), "-tr", trainer,
+                     "-p", PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1",
+                     "-nps", "1"],
+                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}{ctx.tag}")
             arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
-    ctx.finish(summary, results_json, "results.md")
+    ctx.finish(summary, results_json, f"results{ctx.tag}.md")
     return summary
 
 
@@ -429,7 +462,7 @@ def run_classification(ctx: Context) -> dict:
     args = ctx.args
     truth, class_names = read_class_labels(ctx.ds, sorted(set(ctx.split["val"]) | set(ctx.split["pretraining"])))
     inputs = ctx.missing_inputs()
-    results_json = join(ctx.out, f"results_cls{ctx.cls_tag}.json")
+    results_json = join(ctx.out, f"results_cls{ctx.cls_tag}{ctx.tag}.json")
     summary = ctx.summary(results_json)
     for arm in ctx.arms:
         trainer, pretrainer, preset = arm_spec(arm, "cls")
@@ -438,19 +471,20 @@ def run_classification(ctx: Context) -> dict:
         model = join(results, ctx.name, f"{trainer}__{PLANS}__{CONFIG}")
         arm_res["metrics"] = {}
         for label, folder in inputs.items():
-            csv_path = join(ctx.out, "predictions", f"cls{ctx.cls_tag}_{arm}", label.replace(" ", "_") + ".csv")
+            csv_path = join(ctx.out, "predictions", f"cls{ctx.cls_tag}_{arm}{ctx.tag}",
+                            label.replace(" ", "_") + ".csv")
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)
             if not isfile(csv_path):
-                ctx.timings[f"classify {arm} {label}"] = ctx.run(
-                    ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", "0", "--masks",
-                     join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
-                    {"CSM_PRESET": preset}, f"classify_{arm}")
+                ctx.timings[f"classify {arm}{ctx.tag} {label}"] = ctx.run(
+                    ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", str(ctx.fold),
+                     "--masks", join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
+                    {"CSM_PRESET": preset}, f"classify_{arm}{ctx.tag}")
             cases, probs = _read_probabilities(csv_path, class_names)
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
     summary["crop"] = getattr(args, "crop", None)
-    ctx.finish(summary, results_json, f"results_cls{ctx.cls_tag}.md")
+    ctx.finish(summary, results_json, f"results_cls{ctx.cls_tag}{ctx.tag}.md")
     return summary
 
 
@@ -462,9 +496,147 @@ def _read_probabilities(csv_path: str, class_names: list[str]) -> tuple[list[str
     return [r["case"] for r in rows], np.array([[float(r[f"p_{n}"]) for n in class_names] for r in rows])
 
 
+def expand_seeds(arms: list[str], seeds: int) -> list[str]:
+    """``--seeds N``: every arm named without ``@k`` runs N times (``csm``, ``csm@2``, ... ``csm@N``), seed-major so
+    that a stopped run has complete seeds of every arm rather than all seeds of the first arms."""
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: must be >= 1")
+    if seeds == 1:
+        return arms
+    return [arm if k == 1 else f"{arm}@{k}" for k in range(1, seeds + 1) for arm in arms if "@" not in arm] + \
+        [arm for arm in arms if "@" in arm]
+
+
 def run_experiment(args: argparse.Namespace) -> dict:
     ctx = prepare(args)
-    return run_segmentation(ctx) if args.study == "seg" else run_classification(ctx)
+    study = run_segmentation if args.study == "seg" else run_classification
+    if not ctx.split.get("fractions"):
+        return study(ctx)
+    # one fine-tuning fold per label fraction, the same held-out cases and pretraining runs for all
+    grid = {}
+    for i, (pct, labelled) in enumerate(ctx.split["fractions"].items()):
+        sub = dataclasses.replace(ctx, split={**ctx.split, "labelled": labelled}, fold=2 + i, tag=f"_f{pct}",
+                                  timings={}, t_start=time.time())
+        print(f"--- label fraction {pct} %: {len(labelled)} labelled cases (fold {sub.fold})", flush=True)
+        grid[pct] = study(sub)
+    return write_grid(ctx, grid)
+
+
+def grid_json_name(study: str, cls_tag: str = "") -> str:
+    return "results_grid.json" if study == "seg" else f"results_grid_cls{cls_tag}.json"
+
+
+def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
+    """The label-fraction x arm x seed summary (``results_grid[_cls].json/.md/.png``) from the per-fraction
+    summaries; each fraction also keeps its own ``results[_cls]_f<pct>.json/.md/.png``."""
+    first = next(iter(grid.values()))
+    summary = {"study": ctx.args.study, "dataset": ctx.name, "grid": True,
+               "split": {k: ctx.split[k] for k in ("val", "pretraining", "fractions")}, "steps": ctx.steps,
+               "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
+               "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat), "machine": first["machine"],
+               "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
+               "fractions": {pct: {"labelled": len(s["split"]["labelled"]), "fold": s["fold"], "arms": s["arms"],
+                                   "wall_s": s.get("wall_s")} for pct, s in grid.items()}}
+    if ctx.args.study == "seg":
+        summary["regions"] = first.get("regions", {})
+    summary["wall_s"] = round(time.time() - ctx.t_start, 1)
+    name = grid_json_name(ctx.args.study, ctx.cls_tag)
+    write_text_atomically(join(ctx.out, name), json.dumps(summary, indent=1))
+    write_text_atomically(join(ctx.out, name[: -len(".json")] + ".md"), markdown_grid(summary))
+    plot_grid(summary, join(ctx.out, name[: -len(".json")] + ".png"))
+    return summary
+
+
+def grid_columns(summary: dict) -> list[str]:
+    """The metrics a grid reports: the label regions (else the labels) for ``seg``, AUC and accuracy for ``cls``."""
+    if summary["study"] == "cls":
+        return ["auc", "accuracy"]
+    if summary.get("regions"):
+        return list(summary["regions"])
+    first = next(iter(next(iter(summary["fractions"].values()))["arms"].values()))
+    return list(first["dice"]["complete"])
+
+
+def grid_scores(summary: dict) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{metric: {arm: {fraction: [value of each seed]}}}`` on complete held-out cases (undefined values left
+    out)."""
+    cols = grid_columns(summary)
+    out: dict[str, dict[str, dict[str, list[float]]]] = {c: {} for c in cols}
+    for pct, f in summary["fractions"].items():
+        scores, _ = summary_scores({"study": summary["study"], "arms": f["arms"]})
+        for arm, runs in _group_repeats(scores).items():
+            for c in cols:
+                out[c].setdefault(arm, {})[pct] = _values(runs, c)
+    return out
+
+
+def markdown_grid(summary: dict) -> str:
+    """One table per metric: arms x label fractions, mean ± sample sd over seeds (n runs)."""
+    fr = summary["fractions"]
+    m = summary["machine"]
+    metric = "Dice" if summary["study"] == "seg" else ""
+    lines = [f"Dataset {summary['dataset']}: {len(summary['split']['val'])} held-out cases; pretraining on the "
+             f"{len(summary['split']['pretraining'])} others (images only, {summary['steps']['pretrain']} steps); "
+             f"fine-tuning on a label fraction of them ({summary['steps']['finetune']} steps, preset "
+             f"{summary['preset']}); {summary['seeds']} seed(s) per arm"
+             + (", each with its own pretraining run" if summary["pretrain_per_repeat"] else "") + ". "
+             "Mean ± sd over seeds (n runs when not every seed gave a value).", ""]
+    head = " | ".join(f"{pct} % ({f['labelled']} cases)" for pct, f in fr.items())
+    for col, arms in grid_scores(summary).items():
+        lines += [f"**{metric + ' ' if metric else ''}{col}**", "", f"| arm | {head} |", "|---|" + "---|" * len(fr)]
+        for arm, by_fraction in arms.items():
+            cells = []
+            for pct in fr:
+                vals, n = by_fraction.get(pct, []), len(_group_repeats(
+                    {a: {} for a in fr[pct]["arms"]}).get(arm, []))
+                if not vals:
+                    cells.append("n/a")
+                elif len(vals) == 1:
+                    cells.append(f"{vals[0]:.3f}" + (f" (1 of {n})" if n > 1 else ""))
+                else:
+                    cells.append(f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+                                 + (f" ({len(vals)} of {n})" if len(vals) != n else ""))
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
+              f"{m.get('torch')}, device {m.get('device')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_grid(summary: dict, png: str) -> None:
+    """One panel per metric: the metric against the label fraction, a line per arm through the seed means, the
+    sample sd as error bars and every seed as a dot. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csm_nnunet.visualize import save_figure_atomically
+
+    scores = grid_scores(summary)
+    pcts = list(summary["fractions"])
+    xs = np.array([float(p) for p in pcts])
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores) + 1.5, 3.6), squeeze=False)
+    for ax, (col, arms) in zip(axes[0], scores.items()):
+        for i, (arm, by_fraction) in enumerate(arms.items()):
+            jitter = xs * (1 + 0.02 * (i - (len(arms) - 1) / 2))  # keep overlapping arms apart on the log axis
+            means = [np.mean(by_fraction.get(p) or [np.nan]) for p in pcts]
+            sds = [np.std(by_fraction[p], ddof=1) if len(by_fraction.get(p, [])) > 1 else 0.0 for p in pcts]
+            line = ax.errorbar(jitter, means, yerr=sds, marker="o", markersize=3, capsize=2, label=arm, lw=1)
+            for x, p in zip(jitter, pcts):
+                vals = by_fraction.get(p, [])
+                ax.plot([x] * len(vals), vals, ".", color=line[0].get_color(), markersize=3, alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{p} %" for p in pcts])
+        ax.minorticks_off()
+        ax.set_ylim(0, 1)
+        ax.set_title(col, fontsize=9)
+        ax.set_xlabel("labelled fraction", fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle(f"{summary['dataset']}: {summary['seeds']} seed(s), {summary['steps']['finetune']} fine-tuning steps",
+                 fontsize=9)
+    fig.tight_layout()
+    save_figure_atomically(fig, png, dpi=120)
 
 
 def machine_description(threads: int, device: str = "cpu") -> dict:
@@ -652,6 +824,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for every nnU-Net step")
     parser.add_argument("--crop", type=int, default=None,
                         help="cls: edge of the ROI-centred classifier crop (CSM_CROP; default the plans' patch size)")
+    parser.add_argument("--fractions", type=_percentages, default=None,
+                        help="label fractions in percent of the non-held-out cases, e.g. 10,50,100: one fine-tuning "
+                             "fold per fraction (nested subsets) and a grid table results_grid[_cls].md")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="independent runs of every arm (csm, csm@2, ...), each with its own pretraining run "
+                             "(implies --pretrain-per-repeat when > 1)")
+    parser.add_argument("--grid", action="store_true",
+                        help="the paper's grid: every pretraining row (csm, its four ablations, mae) plus scratch, "
+                             "fused (and nnunet for seg) x --fractions 10,50,100 x --seeds 3, unless given")
     parser.add_argument("--pretrain-per-repeat", action="store_true",
                         help="repeat k of a pretrained arm (csm@k) loads its own pretraining run k (other masks, "
                              "weights, batches) instead of the shared run 1")
@@ -662,7 +843,25 @@ STUDY_DEFAULTS = {"seg": {"arms": "nnunet,fused,scratch,csm", "kind": "brain", "
                           "labelled": 16}}
 
 
+def _percentages(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected whole percentages separated by commas, e.g. 10,50,100") from None
+    if not values or any(not 0 < v <= 100 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct percentages in 1..100, e.g. 10,50,100")
+    return sorted(values)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "grid", False):
+        args.arms = args.arms or GRID_ARMS[args.study]
+        args.fractions = args.fractions or [10, 50, 100]
+        args.seeds = args.seeds or 3
+    args.seeds = args.seeds or 1
+    if args.seeds > 1:
+        args.pretrain_per_repeat = True
     for key, value in STUDY_DEFAULTS[args.study].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -671,7 +870,12 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"csm_nnunet experiment: error: {e}", file=sys.stderr)
         return 1
+    cls_tag = f"_crop{args.crop}" if args.crop else ""
+    if summary.get("grid"):
+        print(markdown_grid(summary))
+        print(f"results: {join(os.path.abspath(args.out), grid_json_name(args.study, cls_tag))}")
+        return 0
     print(markdown(summary))
-    name = "results.json" if args.study == "seg" else f"results_cls{'_crop' + str(args.crop) if args.crop else ''}.json"
+    name = "results.json" if args.study == "seg" else f"results_cls{cls_tag}.json"
     print(f"results: {join(os.path.abspath(args.out), name)}")
     return 0

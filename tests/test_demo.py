@@ -28,3 +28,33 @@ def test_tiny_demo_runs_every_step_and_reports(tmp_path):
         assert (out / "predictions" / f"cls_{arm}" / "complete.csv").is_file()
     assert list((out / "results").glob("pretrain_CSMPretrainer_tiny/*/CSMPretrainer__*/fold_1/snapshots/*.png"))
     assert list((out / "results").glob("cls_csm/*/CSMClassifierTrainer__*/fold_0/validation/roc.png"))
+
+
+def test_experiment_grid_fine_tunes_one_fold_per_label_fraction(tmp_path):
+    """``experiment seg --fractions``: a pretraining ablation row fine-tuned on two nested label fractions (folds 2
+    and 3 of splits_final.json) through nnUNetv2_train/predict, with the grid table, JSON and plot."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CSM_", "nnUNet_"))}
+    env.update(PYTHONWARNINGS="ignore", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    out = tmp_path / "grid"
+    exe = shutil.which("csm_nnunet", path=str(BIN))
+    proc = subprocess.run([exe, "experiment", "seg", "--out", str(out), "--arms", "csm-noseriesmask", "--fractions",
+                           "50,100", "--cases", "6", "--val", "2", "--labelled", "1", "--preset", "tiny", "--epochs",
+                           "1", "--iters", "2", "--pretrain-epochs", "1", "--threads", "2"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folds = json.loads(next((out / "preprocessed").glob("Dataset901_*/splits_final.json")).read_text())
+    assert [len(f["train"]) for f in folds] == [1, 4, 2, 4]
+    grid = json.loads((out / "results_grid.json").read_text())
+    assert list(grid["fractions"]) == ["50", "100"] and grid["fractions"]["50"]["labelled"] == 2
+    for pct, fold in (("50", 2), ("100", 3)):
+        arm = grid["fractions"][pct]["arms"]["csm-noseriesmask"]
+        assert arm["pretrained"] == "CSMPretrainer_NoSeriesMask"
+        assert 0.0 <= arm["dice"]["complete"]["whole tumour"] <= 1.0
+        assert list((out / "results" / f"csm-noseriesmask_f{pct}").glob(f"*/CSMSegTrainer__*/fold_{fold}/"
+                                                                          "checkpoint_final.pth"))
+        assert list((out / "predictions" / f"csm-noseriesmask_f{pct}" / "complete").glob("*.nii.gz"))
+    table = (out / "results_grid.md").read_text()
+    assert "| arm | 50 % (2 cases) | 100 % (4 cases) |" in table and table in proc.stdout
+    assert (out / "results_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,3 +153,78 @@ def test_plot_scores_writes_a_png_from_a_results_summary(tmp_path):
                                                                      "specificity": 0.0}}}}}
     assert summary_scores(cls) == ({"csm": {"auc": 0.7, "accuracy": 0.6, "sensitivity": 1.0, "specificity": 0.0}},
                                    ["auc", "accuracy", "sensitivity", "specificity"])
+
+
+def test_label_fractions_are_nested_folds_after_the_two_fixed_ones(tmp_path):
+    cases = [f"case_{i:03d}" for i in range(24)]
+    split = write_splits(str(tmp_path), cases, n_val=4, n_labelled=3, seed=1, fractions=(10, 50, 100))
+    folds = json.load(open(tmp_path / "splits_final.json"))
+    assert len(folds) == 5 and folds[0]["train"] == split["labelled"] and folds[1]["train"] == split["pretraining"]
+    f10, f50, f100 = (split["fractions"][k] for k in ("10", "50", "100"))
+    assert [len(f10), len(f50), len(f100)] == [2, 10, 20]
+    assert set(f10) < set(f50) < set(f100) == set(split["pretraining"])
+    assert [fold["train"] for fold in folds[2:]] == [f10, f50, f100]
+    assert all(fold["val"] == split["val"] for fold in folds)
+    tiny = write_splits(str(tmp_path), cases[:5], n_val=2, n_labelled=1, seed=1, fractions=(10,))
+    assert len(tiny["fractions"]["10"]) == 1  # at least one labelled case
+    with pytest.raises(ValueError, match="percentages"):
+        write_splits(str(tmp_path), cases, 4, 3, seed=1, fractions=(0,))
+
+
+def test_seeds_expand_every_arm_seed_major_and_ablation_arms_exist():
+    import importlib
+
+    from csm_nnunet.experiment import ABLATIONS, GRID_ARMS, _percentages, expand_seeds
+
+    assert expand_seeds(["csm", "scratch"], 3) == ["csm", "scratch", "csm@2", "scratch@2", "csm@3", "scratch@3"]
+    assert expand_seeds(["csm", "fused@4"], 2) == ["csm", "csm@2", "fused@4"]
+    assert expand_seeds(["csm"], 1) == ["csm"]
+    with pytest.raises(ValueError, match="--seeds 0"):
+        expand_seeds(["csm"], 0)
+    ablations = importlib.import_module("csm_nnunet.trainers.csm_pretrainer_ablations")
+    for study, arms in GRID_ARMS.items():
+        for arm in arms.split(","):
+            trainer, pretrainer, _ = arm_spec(arm, study)
+            if arm in ABLATIONS:
+                assert pretrainer == ABLATIONS[arm] and hasattr(ablations, pretrainer)
+                assert trainer == ("CSMSegTrainer" if study == "seg" else "CSMClassifierTrainer")
+    assert arm_spec("nnunet", "cls") is None and "nnunet" not in GRID_ARMS["cls"].split(",")
+    assert _percentages("50,10,100") == [10, 50, 100]
+    for bad in ("0,50", "10,10", "ten", "101"):
+        with pytest.raises(Exception, match="percentages"):
+            _percentages(bad)
+
+
+def _grid_summary(study: str) -> dict:
+    def seg(wt, core):
+        return {"dice": {"complete": {"whole tumour": wt, "tumour core": core}}}
+
+    def cls(auc):
+        return {"metrics": {"complete": {"auc": auc, "accuracy": 0.5, "sensitivity": 1.0, "specificity": 0.0}}}
+
+    make = seg if study == "seg" else (lambda wt, core: cls(wt))
+    return {"study": study, "dataset": "D", "grid": True, "preset": "tiny", "seeds": 2, "pretrain_per_repeat": True,
+            "split": {"val": ["v"] * 4, "pretraining": ["p"] * 20}, "steps": {"pretrain": 100, "finetune": 50},
+            "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}, "wall_s": 120,
+            "regions": {"whole tumour": [1, 2, 3], "tumour core": [2, 3]} if study == "seg" else {},
+            "fractions": {"10": {"labelled": 2, "arms": {"csm": make(0.5, 0.2), "csm@2": make(0.7, None),
+                                                         "scratch": make(0.4, 0.1)}},
+                          "100": {"labelled": 20, "arms": {"csm": make(0.9, 0.6), "csm@2": make(0.8, 0.5)}}}}
+
+
+def test_grid_table_and_plot_report_mean_sd_per_arm_and_fraction(tmp_path):
+    from csm_nnunet.experiment import grid_scores, markdown_grid, plot_grid
+
+    summary = _grid_summary("seg")
+    scores = grid_scores(summary)
+    assert scores["whole tumour"]["csm"] == {"10": [0.5, 0.7], "100": [0.9, 0.8]}
+    assert scores["tumour core"]["csm"]["10"] == [0.2]
+    text = markdown_grid(summary)
+    assert "| arm | 10 % (2 cases) | 100 % (20 cases) |" in text
+    assert "| csm | 0.600 ± 0.141 | 0.850 ± 0.071 |" in text  # whole tumour
+    assert "| csm | 0.200 (1 of 2) | 0.550 ± 0.071 |" in text  # tumour core: one seed undefined
+    assert "| scratch | 0.400 | n/a |" in text
+    plot_grid(summary, str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cls_text = markdown_grid(_grid_summary("cls"))
+    assert "**auc**" in cls_text and "| csm | 0.600 ± 0.141 | 0.850 ± 0.071 |" in cls_text
