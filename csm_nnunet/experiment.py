@@ -93,13 +93,27 @@ GRID_ARMS: dict[str, str] = {
 STUDY_ARMS = {"seg": ARMS, "cls": CLS_ARMS}
 
 
-def arm_spec(arm: str, study: str = "seg") -> tuple[str, str | None, str | None] | None:
-    """``ARMS[name]`` (``CLS_ARMS`` for ``study="cls"``) for ``name`` or ``name@k`` (the k-th independent repeat: its
-    own results folder, same pretrained encoder); None if unknown."""
-    name, _, repeat = arm.partition("@")
-    if repeat and not (repeat.isdigit() and int(repeat) >= 2):
+def parse_arm(arm: str) -> tuple[str, int | None, int] | None:
+    """``name[~steps][@k]`` -> ``(name, pretraining steps or None, repeat k)``; None if malformed.
+
+    ``@k`` (k >= 2) is the k-th independent run of an arm (its own results folder); ``~steps`` gives a pretrained arm
+    its own pretraining run of that many steps instead of ``--pretrain-epochs`` (the pretraining-length curve:
+    ``csm~100,csm~400,csm~1600``)."""
+    head, at, repeat = arm.partition("@")
+    name, tilde, steps = head.partition("~")
+    if (at and not (repeat.isdigit() and int(repeat) >= 2)) or (tilde and not (steps.isdigit() and int(steps))):
         return None
-    return STUDY_ARMS[study].get(name)
+    return name, int(steps) if steps else None, int(repeat) if repeat else 1
+
+
+def arm_spec(arm: str, study: str = "seg") -> tuple[str, str | None, str | None] | None:
+    """``ARMS[name]`` (``CLS_ARMS`` for ``study="cls"``) for an arm written ``name[~steps][@k]`` (see
+    :func:`parse_arm`); None if unknown, malformed, or ``~steps`` on an arm without pretraining."""
+    parsed = parse_arm(arm)
+    spec = STUDY_ARMS[study].get(parsed[0]) if parsed else None
+    if spec is None or (parsed[1] is not None and spec[1] is None):
+        return None
+    return spec
 
 
 @dataclass
@@ -260,12 +274,14 @@ class Context:
         crop = getattr(self.args, "crop", None)
         return f"_crop{crop}" if crop else ""
 
-    def pretrained_key(self, arm: str, pretrainer: str, preset: str) -> tuple[str, str, int]:
-        """Which pretraining run an arm loads: ``(pretrainer, preset, replicate)``. Replicate 1 for every arm, or
-        with ``--pretrain-per-repeat`` the arm's repeat number (``csm@3`` loads pretraining run 3), so repeats
-        measure pretraining variance too, not only fine-tuning variance."""
-        _, _, k = arm.partition("@")
-        return pretrainer, preset, int(k) if (k and self.args.pretrain_per_repeat) else 1
+    def pretrained_key(self, arm: str, pretrainer: str, preset: str) -> tuple[str, str, int, int]:
+        """Which pretraining run an arm loads: ``(pretrainer, preset, replicate, epochs)``. Replicate 1 for every
+        arm, or with ``--pretrain-per-repeat`` the arm's repeat number (``csm@3`` loads pretraining run 3), so
+        repeats measure pretraining variance too, not only fine-tuning variance. Epochs: ``--pretrain-epochs``, or
+        for ``name~steps`` the epochs of ``--iters`` iterations that reach ``steps`` (rounded up)."""
+        _, steps, k = parse_arm(arm)
+        epochs = self.args.pretrain_epochs if steps is None else -(-steps // self.args.iters)
+        return pretrainer, preset, k if (k > 1 and self.args.pretrain_per_repeat) else 1, epochs
 
     def length(self, epochs: int) -> dict[str, str]:
         return {"CSM_NUM_EPOCHS": str(epochs), "CSM_ITERS_PER_EPOCH": str(self.args.iters), "CSM_VAL_ITERS": "2"}
@@ -351,7 +367,8 @@ def prepare(args: argparse.Namespace) -> Context:
     unknown = [a for a in arms if arm_spec(a, args.study) is None]
     if unknown:
         raise ValueError(f"unknown {args.study} arm(s) {unknown}; choose from {sorted(STUDY_ARMS[args.study])} "
-                         f"(append @2, @3, ... to repeat an arm as an independent run)")
+                         f"(append @2, @3, ... to repeat an arm as an independent run, ~N to give a pretrained arm its "
+                         f"own N-step pretraining run)")
 
     # ---- data
     if args.dataset:
@@ -400,8 +417,9 @@ def prepare(args: argparse.Namespace) -> Context:
         key = ctx.pretrained_key(arm, pretrainer, preset)
         if key in ctx.checkpoints:
             continue
-        replicate = key[2]
-        tag = f"{pretrainer}_{preset}" + (f"@{replicate}" if replicate > 1 else "")
+        replicate, epochs = key[2], key[3]
+        tag = f"{pretrainer}_{preset}" + (f"~{epochs * args.iters}" if epochs != args.pretrain_epochs else "") + (
+            f"@{replicate}" if replicate > 1 else "")
         results = join(out, "results", f"pretrain_{tag}")
         ckpt = join(results, name, f"{pretrainer}__{PLANS}__{CONFIG}", "fold_1", "checkpoint_final.pth")
         if not isfile(ckpt):
@@ -411,10 +429,9 @@ def prepare(args: argparse.Namespace) -> Context:
             timings[f"pretrain {tag}"] = run(
                 ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device",
                  args.device],
-                results, {**ctx.length(args.pretrain_epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}",
-                epochs=args.pretrain_epochs)
+                results, {**ctx.length(epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}", epochs=epochs)
             write_text_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
-                              json.dumps({"steps": steps["pretrain"]}))
+                                  json.dumps({"steps": epochs * args.iters}))
         ctx.checkpoints[key] = ckpt
     return ctx
 
@@ -691,7 +708,7 @@ def _group_repeats(scores: dict[str, dict[str, float | None]]) -> dict[str, list
     """``{"csm": ..., "csm@2": ...}`` -> ``{"csm": [run 1, run 2]}`` (arm order kept)."""
     groups: dict[str, list[dict]] = {}
     for arm, d in scores.items():
-        groups.setdefault(arm.partition("@")[0], []).append(d)
+        groups.setdefault(arm.partition("@")[0], []).append(d)  # "csm~400@2" -> "csm~400"
     return groups
 
 
@@ -803,7 +820,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "one per dataset")
     parser.add_argument("--arms", default=None,
                         help=f"comma-separated arms; seg: {', '.join(ARMS)} (default nnunet,fused,scratch,csm); "
-                             f"cls: {', '.join(CLS_ARMS)} (default scratch,csm,fused,mae)")
+                             f"cls: {', '.join(CLS_ARMS)} (default scratch,csm,fused,mae); append @k for the k-th "
+                             f"independent run, ~N for a pretrained arm with its own N-step pretraining run")
     parser.add_argument("--dataset", help="a raw nnU-Net dataset folder to use instead of synthetic data")
     parser.add_argument("--kind", default=None, choices=sorted(REGIONS),
                         help="synthetic data kind (default: brain for seg, prostate for cls)")

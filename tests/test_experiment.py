@@ -91,6 +91,10 @@ def test_markdown_lists_every_arm_and_the_missing_series_rows():
 def test_arm_names_and_repeats():
     assert arm_spec("csm") == ARMS["csm"] == arm_spec("csm@2")
     assert arm_spec("csm@1") is None and arm_spec("csm@x") is None and arm_spec("nope") is None
+    assert arm_spec("csm~400") == ARMS["csm"] and arm_spec("csm-mask50~100@3", "cls") == CLS_ARMS["csm-mask50"]
+    assert arm_spec("csm~400@2") == ARMS["csm"] and arm_spec("csm-mask50~100") == ARMS["csm-mask50"]
+    for bad in ("scratch~400", "csm~", "csm~0", "csm~x", "csm~400@1", "csm@"):
+        assert arm_spec(bad) is None, bad
     assert arm_spec("mae@3", "cls") == CLS_ARMS["mae"] and arm_spec("nnunet", "cls") is None
 
 
@@ -119,12 +123,14 @@ def test_repeats_share_the_pretraining_run_unless_asked_otherwise():
     from csm_nnunet.experiment import Context
 
     def ctx(per_repeat: bool) -> Context:
-        return Context(argparse.Namespace(pretrain_per_repeat=per_repeat), "", None, "", 0, {}, "", {}, {}, [], {},
-                       {}, 0.0)
+        return Context(argparse.Namespace(pretrain_per_repeat=per_repeat, pretrain_epochs=50, iters=20), "", None,
+                       "", 0, {}, "", {}, {}, [], {}, {}, 0.0)
 
-    assert ctx(False).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1)
-    assert ctx(True).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 3)
-    assert ctx(True).pretrained_key("csm", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1)
+    assert ctx(False).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1, 50)
+    assert ctx(True).pretrained_key("csm@3", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 3, 50)
+    assert ctx(True).pretrained_key("csm", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 1, 50)
+    # ~steps: its own pretraining length, rounded up to whole epochs of --iters iterations
+    assert ctx(True).pretrained_key("csm~90@2", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 2, 5)
 
 
 def test_repeat_table_mean_and_sd():
