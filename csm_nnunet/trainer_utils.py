@@ -45,6 +45,15 @@ def to_cpu(obj):
     return obj
 
 
+def unwrap_network(trainer) -> torch.nn.Module:
+    """The trainer's network without nnU-Net's DDP and ``torch.compile`` wrappers (what checkpoints, the
+    optimiser's parameter groups and the weight adaptation need)."""
+    from torch._dynamo import OptimizedModule
+
+    mod = trainer.network.module if trainer.is_ddp else trainer.network
+    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+
 def save_checkpoint_atomically(checkpoint: dict, filename: str) -> None:
     """Write ``checkpoint`` with all tensors on the CPU to a temporary file, then rename it over ``filename``.
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from csm_nnunet.trainers.finetune import CSMFineTuningMixin
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -42,7 +43,6 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from csm_nnunet.class_labels import read_class_labels
 from csm_nnunet.classification import (
@@ -56,7 +56,6 @@ from csm_nnunet.classification import (
 )
 from csm_nnunet.fileio import write_text_atomically
 from csm_nnunet.network import get_preset
-from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.trainer_utils import (
     backward_and_step,
@@ -64,7 +63,6 @@ from csm_nnunet.trainer_utils import (
     configure_amp_dtype,
     drop_random_series,
     fit_patch_to_tokens,
-    save_trainer_checkpoint,
 )
 from csm_nnunet.validate import check_finite_batch, check_training_setup
 
@@ -102,7 +100,7 @@ class ROIDataLoader(nnUNetDataLoader):
         return bbox_lbs, [lb + p for lb, p in zip(bbox_lbs, self.patch_size)]
 
 
-class CSMClassifierTrainer(nnUNetTrainer):
+class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
     """Series-tokenized ViT encoder (scratch or ``-pretrained_weights``) + pooling + linear head.
 
     Class attributes: ``preset`` (CSM_PRESET), ``class_balanced`` (class-weighted cross-entropy), ``series_dropout``,
@@ -115,9 +113,7 @@ class CSMClassifierTrainer(nnUNetTrainer):
     amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     class_balanced: bool = False
     series_dropout: float = 0.2
-    layer_decay: float | None = None
     head_dropout: float = 0.0
-    warmup_fraction: float = 0.05
     fused_tokens: bool = False
     pooling: str = "centre"  # the tokens around the ROI-centred crop's centre, per series ("mean": every token)
     crop_size: int | None = None  # CSM_CROP; None = the plans' patch size
@@ -155,11 +151,9 @@ class CSMClassifierTrainer(nnUNetTrainer):
             "roi_labels": self.roi_labels, "head_dropout": self.head_dropout, "fused_tokens": self.fused_tokens,
             "pooling": self.pooling}
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 5e-3  # paper IV.A: fine-tuning for all tasks
-        self.weight_decay = 0.01
+        self._finetuning_defaults()  # AdamW lr 5e-3, wd 0.01 (paper IV.A); checkpoint_latest every epoch
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 1.0  # every crop on the ROI
-        self.save_every = 1  # checkpoint_latest every epoch (nnU-Net: every 50), like our other trainers
         apply_env_overrides(self, self.print_to_log_file, skip=("num_val_iterations_per_epoch", "mask_seed"))
         configure_amp_dtype(self)  # bfloat16 autocast on GPUs that have it (see the function)
         self.crop_size = crop
@@ -189,10 +183,6 @@ class CSMClassifierTrainer(nnUNetTrainer):
                                         dropout=float(cfg.get("head_dropout", 0.0)),
                                         pooling=cfg.get("pooling", "mean"))  # models from before pooling existed
 
-    def _unwrapped(self) -> CSMClassificationNetwork:
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
-
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         pass  # one logit vector per case
 
@@ -206,17 +196,8 @@ class CSMClassifierTrainer(nnUNetTrainer):
                                    f"(training fold counts {counts.tolist()})")
         return nn.CrossEntropyLoss(weight=weight)
 
-    def configure_optimizers(self):
-        groups = finetune_param_groups(self._unwrapped(), self.weight_decay, self.layer_decay)
-        optimizer = adamw(groups, lr=self.initial_lr)
-        warmup = int(round(self.warmup_fraction * self.num_epochs))
-        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
-
     def initialize(self):
-        super().initialize()
-        net = self._unwrapped()  # -pretrained_weights adaptation matches series by these names and logs here
-        net.series_names = list(self.series_names)
-        net.csm_log = self.print_to_log_file
+        super().initialize()  # the mixin hands the series names and the log to the network
         logged = getattr(self.logger, "local_logger", self.logger).my_fantastic_logging
         for key in _METRIC_KEYS:
             logged.setdefault(key, [])
@@ -366,9 +347,6 @@ class CSMClassifierTrainer(nnUNetTrainer):
         if self.local_rank == 0:
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
-
-    def save_checkpoint(self, filename: str) -> None:
-        save_trainer_checkpoint(self, self._unwrapped(), filename)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Every validation case with the current weights (final, or best with ``--val_best``):

@@ -22,7 +22,6 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 from torch import distributed as dist
-from torch._dynamo import OptimizedModule
 
 from csm_nnunet.masking import TRAIN_STREAM, VALIDATION_STREAM, CrossSeriesMasker, SeriesMask, mask_seed
 from csm_nnunet.network import CSMMaskedAutoencoder, get_preset
@@ -34,6 +33,7 @@ from csm_nnunet.trainer_utils import (
     configure_amp_dtype,
     fit_patch_to_tokens,
     save_trainer_checkpoint,
+    unwrap_network,
 )
 from csm_nnunet.validate import check_finite_batch, check_training_setup
 
@@ -131,8 +131,7 @@ class CSMPretrainer(nnUNetTrainer):
         pass  # a reconstruction network has no deep supervision outputs
 
     def _unwrapped(self) -> CSMMaskedAutoencoder:
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return unwrap_network(self)
 
     # ---------------------------------------------------------------- masks
     def _present(self, keys) -> torch.Tensor:

@@ -13,13 +13,13 @@ demands every key of the new network in the checkpoint. See :func:`_route_pretra
 from __future__ import annotations
 
 import torch
+from csm_nnunet.trainers.finetune import CSMFineTuningMixin
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
 
 from csm_nnunet.network import get_preset
-from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 from csm_nnunet.overrides import apply_env_overrides, read_env_overrides
 from csm_nnunet.segmentation import CSMSegmentationNetwork, SeriesTokenEncoder
 from csm_nnunet.trainer_utils import (
@@ -27,7 +27,6 @@ from csm_nnunet.trainer_utils import (
     configure_amp_dtype,
     drop_random_series,
     fit_patch_to_tokens,
-    save_trainer_checkpoint,
 )
 from csm_nnunet.validate import check_finite_batch, check_training_setup
 
@@ -36,7 +35,7 @@ from csm_nnunet.validate import check_finite_batch, check_training_setup
 PLANS_KEY = "csm_network"
 
 
-class CSMSegTrainer(nnUNetTrainer):
+class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
     """Series-tokenized ViT encoder + series fusion + UNETR-style decoder with a full-resolution conv branch.
 
     Class attributes: ``preset`` (CSM_PRESET), ``fusion`` ("attention" | "concat"), ``series_dropout`` (probability
@@ -49,8 +48,6 @@ class CSMSegTrainer(nnUNetTrainer):
     amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     fusion: str = "attention"
     series_dropout: float = 0.2
-    layer_decay: float | None = None
-    warmup_fraction: float = 0.05
     fused_tokens: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -68,11 +65,7 @@ class CSMSegTrainer(nnUNetTrainer):
                                                              "series_names": self.series_names,
                                                              "base_channels": get_preset(preset).seg_channels}
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 5e-3  # paper IV.A fine-tuning
-        self.weight_decay = 0.01
-        # checkpoint_latest after every epoch (nnU-Net: every 50), so a crash or kill -9 loses at most the epoch in
-        # progress; docs/reliability.md has the cost (about 1.5 GB and a few seconds per write for B16)
-        self.save_every = 1
+        self._finetuning_defaults()  # AdamW lr 5e-3, wd 0.01 (paper IV.A); checkpoint_latest every epoch
         apply_env_overrides(self, self.print_to_log_file, skip=("mask_seed", "crop_size"))
         configure_amp_dtype(self)  # bfloat16 autocast on GPUs that have it (see the function)
         if list(fitted) != planned:
@@ -101,20 +94,8 @@ class CSMSegTrainer(nnUNetTrainer):
         this after building the network (loss) and when building the dataloaders (target downsampling)."""
         return self._unwrapped().deep_supervision_scales() if self.enable_deep_supervision else None
 
-    def _unwrapped(self) -> CSMSegmentationNetwork:
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
-
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self._unwrapped().deep_supervision = enabled
-
-    def configure_optimizers(self):
-        """AdamW (paper IV.A: lr 5e-3, weight decay 0.01) with warm-up and cosine decay; optional layer-wise lr decay
-        (see :func:`csm_nnunet.optim.finetune_param_groups`)."""
-        groups = finetune_param_groups(self._unwrapped(), self.weight_decay, self.layer_decay)
-        optimizer = adamw(groups, lr=self.initial_lr)
-        warmup = int(round(self.warmup_fraction * self.num_epochs))
-        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
 
     def train_step(self, batch: dict) -> dict:
         """Random series dropout (:func:`csm_nnunet.trainer_utils.drop_random_series`), then nnU-Net's step. A batch
@@ -128,17 +109,6 @@ class CSMSegTrainer(nnUNetTrainer):
         check_finite_batch(batch["data"], batch.get("keys"), self.preprocessed_dataset_folder)
         return super().validation_step(batch)
 
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written atomically with CPU tensors (see :func:`save_trainer_checkpoint`)."""
-        save_trainer_checkpoint(self, self._unwrapped(), filename)
-
-    def initialize(self):
-        super().initialize()
-        # -pretrained_weights reaches the network, not the trainer (see _route_pretrained_weights): give the network
-        # the dataset's series names and the trainer's log so the adaptation report lands in the training log
-        net = self._unwrapped()
-        net.series_names = list(self.series_names)
-        net.csm_log = self.print_to_log_file
 
 
 def _route_pretrained_weights() -> None:
