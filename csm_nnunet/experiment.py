@@ -187,12 +187,14 @@ def _find_dataset(raw: str, dataset_id: int) -> str:
 
 
 def write_splits(preprocessed_dataset: str, cases: list[str], n_val: int, n_labelled: int, seed: int,
-                 fractions: tuple[int, ...] = ()) -> dict:
+                 fractions: tuple[int, ...] = (), strata: dict[str, int] | None = None) -> dict:
     """Held-out cases and the labelled subset, chosen by a seeded permutation (stated in the results).
 
     Folds of ``splits_final.json``: 0 trains on ``n_labelled`` cases, 1 on every non-held-out case (pretraining),
     ``2 + i`` on ``fractions[i]`` percent of them (at least one case). The labelled subsets are nested prefixes of one
-    permutation, so a larger fraction adds cases to a smaller one instead of drawing others (Table V/VI style)."""
+    permutation, so a larger fraction adds cases to a smaller one instead of drawing others (Table V/VI style).
+    With ``strata`` (case -> class, dataset.json's ``classification_labels``) that permutation takes the classes in
+    turn, so even a 2-case fraction holds both classes of a binary task."""
     if n_val < 1 or n_labelled < 1 or n_val + n_labelled > len(cases):
         raise ValueError(f"--val {n_val} + --labelled {n_labelled} must fit the {len(cases)} cases (each >= 1)")
     bad = [f for f in fractions if not 0 < f <= 100]
@@ -201,12 +203,25 @@ def write_splits(preprocessed_dataset: str, cases: list[str], n_val: int, n_labe
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     val, pool = sorted(order[:n_val]), order[n_val:]
     labelled = sorted(pool[:n_labelled])
-    by_fraction = {str(f): sorted(pool[: max(1, round(f / 100 * len(pool)))]) for f in fractions}
+    ranked = _interleave_classes(pool, strata) if strata else pool
+    by_fraction = {str(f): sorted(ranked[: max(1, round(f / 100 * len(pool)))]) for f in fractions}
     splits = [{"train": labelled, "val": val}, {"train": sorted(pool), "val": val}]
     splits += [{"train": train, "val": val} for train in by_fraction.values()]
     write_text_atomically(join(preprocessed_dataset, "splits_final.json"), json.dumps(splits, indent=1))
     out = {"val": val, "labelled": labelled, "pretraining": sorted(pool)}
     return {**out, "fractions": by_fraction} if fractions else out
+
+
+def _interleave_classes(cases: list[str], strata: dict[str, int]) -> list[str]:
+    """``cases`` reordered to take one case of each class in turn (class order by first appearance, each class in
+    its given order); cases without a class come last."""
+    by_class: dict[int, list[str]] = {}
+    for case in cases:
+        if case in strata:
+            by_class.setdefault(int(strata[case]), []).append(case)
+    queues = list(by_class.values())
+    out = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+    return out + [case for case in cases if case not in strata]
 
 
 def zero_series_copy(images_dir: str, out_dir: str, cases: list[str], channel: int | None, file_ending: str) -> None:
@@ -404,7 +419,7 @@ def prepare(args: argparse.Namespace) -> Context:
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-c", CONFIG,
              "-np", "1", "-npfp", "1"], join(out, "results", "_plan"), {"nnUNet_n_proc_DA": "1"}, "plan")
     split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed,
-                         tuple(getattr(args, "fractions", None) or ()))
+                         tuple(getattr(args, "fractions", None) or ()), ds.get("classification_labels"))
     steps = {"pretrain": args.pretrain_epochs * args.iters, "finetune": args.epochs * args.iters}
     ctx = Context(args, out, run, name, dataset_id, ds, file_ending, split, steps, arms, {}, timings, t_start)
 

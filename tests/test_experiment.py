@@ -175,6 +175,14 @@ def test_label_fractions_are_nested_folds_after_the_two_fixed_ones(tmp_path):
     assert len(tiny["fractions"]["10"]) == 1  # at least one labelled case
     with pytest.raises(ValueError, match="percentages"):
         write_splits(str(tmp_path), cases, 4, 3, seed=1, fractions=(0,))
+    # with class labels the nested subsets take the classes in turn: 2 cases = one of each class
+    strata = {c: int(i % 4 == 0) for i, c in enumerate(cases)}  # a quarter malignant
+    for seed in range(5):
+        strat = write_splits(str(tmp_path), cases, 4, 3, seed=seed, fractions=(10, 50, 100), strata=strata)
+        f10, f50 = strat["fractions"]["10"], strat["fractions"]["50"]
+        assert sorted(strata[c] for c in f10) == [0, 1] and set(f10) < set(f50)
+        assert sorted(strat["fractions"]["100"]) == strat["pretraining"]
+        assert strat["labelled"] == write_splits(str(tmp_path), cases, 4, 3, seed=seed)["labelled"]
 
 
 def test_seeds_expand_every_arm_seed_major_and_ablation_arms_exist():
