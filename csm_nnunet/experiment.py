@@ -887,7 +887,9 @@ def _percentages(text: str) -> list[int]:
     return sorted(values)
 
 
-def run(args: argparse.Namespace) -> int:
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the command line left open: ``--grid``'s arms, fractions and seeds, then the study's defaults.
+    ``--seeds`` > 1 gives every seed its own pretraining run (``--pretrain-per-repeat``)."""
     if getattr(args, "grid", False):
         args.arms = args.arms or GRID_ARMS[args.study]
         args.fractions = args.fractions or [10, 50, 100]
@@ -898,6 +900,11 @@ def run(args: argparse.Namespace) -> int:
     for key, value in STUDY_DEFAULTS[args.study].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_defaults(args)
     try:
         summary = run_experiment(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

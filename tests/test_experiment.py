@@ -242,3 +242,23 @@ def test_grid_table_and_plot_report_mean_sd_per_arm_and_fraction(tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cls_text = markdown_grid(_grid_summary("cls"))
     assert "**auc**" in cls_text and "| csm | 0.600 ± 0.141 | 0.850 ± 0.071 |" in cls_text
+
+
+def test_grid_flag_fills_arms_fractions_and_seeds_unless_given():
+    import argparse
+
+    from csm_nnunet.experiment import GRID_ARMS, add_arguments, apply_defaults
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    grid = apply_defaults(parser.parse_args(["cls", "--out", "x", "--grid"]))
+    assert (grid.arms, grid.fractions, grid.seeds, grid.pretrain_per_repeat) == (GRID_ARMS["cls"], [10, 50, 100], 3,
+                                                                                  True)
+    assert grid.kind == "prostate" and grid.val == 16
+    narrowed = apply_defaults(parser.parse_args(["seg", "--out", "x", "--grid", "--arms", "csm,scratch",
+                                                 "--fractions", "100,10", "--seeds", "2"]))
+    assert (narrowed.arms, narrowed.fractions, narrowed.seeds) == ("csm,scratch", [10, 100], 2)
+    plain = apply_defaults(parser.parse_args(["seg", "--out", "x"]))
+    assert (plain.fractions, plain.seeds, plain.pretrain_per_repeat) == (None, 1, False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["seg", "--out", "x", "--fractions", "0,10"])
