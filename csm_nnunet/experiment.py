@@ -551,7 +551,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
                                   timings={}, t_start=time.time())
         print(f"--- label fraction {pct} %: {len(labelled)} labelled cases (fold {sub.fold})", flush=True)
         grid[pct] = study(sub)
-    return write_grid(ctx, grid)
+        summary = write_grid(ctx, grid)  # after every fraction, so a stopped run still has its grid table
+    return summary
 
 
 def grid_json_name(study: str, cls_tag: str = "") -> str:
