@@ -632,7 +632,7 @@ def markdown_grid(summary: dict) -> str:
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}, device {m.get('device')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
+              f"{m.get('torch')}, device {m.get('device')}; wall time {(summary.get('wall_s') or 0) / 60:.0f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -716,7 +716,7 @@ def markdown(summary: dict) -> str:
                          + " | ".join(f"{r['dice'][m][key]:.3f}" for m in missing) + " |")
     m = summary.get("machine", {})
     lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
+              f"{m.get('torch')}; wall time {(summary.get('wall_s') or 0) / 60:.0f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -825,7 +825,7 @@ def _markdown_cls(summary: dict) -> str:
                              + " | ".join(_fmt(r["metrics"][k]["auc"]) for k in missing) + " |")
     m = summary.get("machine", {})
     lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}; wall time {summary.get('wall_s', 0) / 60:.0f} min."]
+              f"{m.get('torch')}; wall time {(summary.get('wall_s') or 0) / 60:.0f} min."]
     return "\n".join(lines) + "\n"
 
 
