@@ -21,5 +21,13 @@ def write_text_atomically(path: str, text: str) -> None:
             os.remove(tmp)
 
 
+def default_file_mode(path: str) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always 0600) the mode a plain ``open`` would have given it (0666
+    minus the umask), so renamed results are readable like the rest of nnU-Net's output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomically(path: str, obj, indent: int = 2) -> None:
     write_text_atomically(path, json.dumps(obj, indent=indent))

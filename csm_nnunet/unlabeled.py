@@ -29,6 +29,8 @@ import tempfile
 
 import numpy as np
 
+from csm_nnunet.fileio import default_file_mode
+
 BODY_MASK_FLAG = "csm_body_mask_labels"
 BODY_LABELS = {"background": 0, "body": 1}
 
@@ -222,6 +224,7 @@ def prepare_unlabeled(raw_folder: str, threshold: float | None = None, overwrite
         fd, tmp_json = tempfile.mkstemp(prefix=".dataset.json.tmp-", dir=raw_folder)
         with os.fdopen(fd, "w") as f:
             json.dump(ds, f, indent=2)
+        default_file_mode(tmp_json)
         os.replace(tmp_json, json_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from csm_nnunet.fileio import default_file_mode
+
 
 def save_reconstruction_png(path: str, original: np.ndarray, visible_input: np.ndarray, reconstruction: np.ndarray,
                             series_names: Sequence[str], hidden: Sequence[bool], absent: Sequence[bool] | None = None,
@@ -51,6 +53,7 @@ def save_figure_atomically(fig, path: str, dpi: int = 100) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        default_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -262,3 +262,21 @@ def test_grid_flag_fills_arms_fractions_and_seeds_unless_given():
     assert (plain.fractions, plain.seeds, plain.pretrain_per_repeat) == (None, 1, False)
     with pytest.raises(SystemExit):
         parser.parse_args(["seg", "--out", "x", "--fractions", "0,10"])
+
+
+def test_atomically_saved_figures_get_the_usual_file_mode(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csm_nnunet.visualize import save_figure_atomically
+
+    old = os.umask(0o022)
+    try:
+        fig, _ = plt.subplots()
+        save_figure_atomically(fig, str(tmp_path / "f.png"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.png").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert os.listdir(tmp_path) == ["f.png"]
