@@ -21,7 +21,7 @@ from os.path import join
 #: budgets per setting: steps are split into epochs of ``iters`` iterations; ``minutes`` scales the steps
 SETTINGS: dict[str, dict] = {
     "cpu": {"preset": "small8", "cases": 24, "val": 8, "labelled": 8, "shape": 48, "iters": 10,
-            "pretrain_steps": 300, "seg_steps": 150, "cls_steps": 150, "minutes": 15.0},
+            "pretrain_steps": 240, "seg_steps": 90, "cls_steps": 100, "minutes": 15.0},
     "gpu": {"preset": "small8", "cases": 64, "val": 16, "labelled": 16, "shape": 64, "iters": 50,
             "pretrain_steps": 5000, "seg_steps": 1500, "cls_steps": 1500, "minutes": 15.0},
     "tiny": {"preset": "tiny", "cases": 6, "val": 2, "labelled": 3, "shape": 48, "iters": 2,
@@ -36,7 +36,7 @@ def _namespace(study: str, out: str, s: dict, steps: int, pretrain_steps: int, d
         study=study, out=out, arms="scratch,csm", dataset=None, kind="brain", cases=s["cases"], shape=s["shape"],
         data_seed=0, split_seed=0, val=s["val"], labelled=s["labelled"], preset=s["preset"],
         epochs=max(1, round(steps / iters)), pretrain_epochs=max(1, round(pretrain_steps / iters)), iters=iters,
-        missing=False, threads=threads, resume=True, device=device, pretrain_per_repeat=False,
+        missing=False, threads=threads, resume=True, device=device, pretrain_per_repeat=False, fractions=None, seeds=1,
         crop=None)
 
 
