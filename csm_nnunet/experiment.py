@@ -615,20 +615,15 @@ def markdown_grid(summary: dict) -> str:
              + (", each with its own pretraining run" if summary["pretrain_per_repeat"] else "") + ". "
              "Mean ± sd over seeds (n runs when not every seed gave a value).", ""]
     head = " | ".join(f"{pct} % ({f['labelled']} cases)" for pct, f in fr.items())
+    # runs of each arm per fraction (seeds that finished), to flag cells where a seed gave no value
+    n_runs = {pct: {arm: len(runs) for arm, runs in _group_repeats(f["arms"]).items()} for pct, f in fr.items()}
     for col, arms in grid_scores(summary).items():
         lines += [f"**{metric + ' ' if metric else ''}{col}**", "", f"| arm | {head} |", "|---|" + "---|" * len(fr)]
         for arm, by_fraction in arms.items():
             cells = []
             for pct in fr:
-                vals, n = by_fraction.get(pct, []), len(_group_repeats(
-                    {a: {} for a in fr[pct]["arms"]}).get(arm, []))
-                if not vals:
-                    cells.append("n/a")
-                elif len(vals) == 1:
-                    cells.append(f"{vals[0]:.3f}" + (f" (1 of {n})" if n > 1 else ""))
-                else:
-                    cells.append(f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
-                                 + (f" ({len(vals)} of {n})" if len(vals) != n else ""))
+                vals, n = by_fraction.get(pct, []), n_runs[pct].get(arm, 0)
+                cells.append(_mean_sd(vals) + (f" ({len(vals)} of {n})" if vals and len(vals) != n else ""))
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
@@ -785,15 +780,18 @@ def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) ->
         cells = []
         for c in cols:
             vals = _values(runs, c)
-            if not vals:
-                cells.append("n/a")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.3f}" + (" (1)" if len(runs) > 1 else ""))
-            else:
-                cells.append(f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
-                             + (f" ({len(vals)})" if len(vals) != len(runs) else ""))
+            cells.append(_mean_sd(vals) + (f" ({len(vals)})" if vals and len(vals) != len(runs) else ""))
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _mean_sd(vals: list[float]) -> str:
+    """A table cell: ``mean ± sample sd``, the value itself for one run, ``n/a`` for none."""
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
 
 
 def _fmt(v) -> str:
