@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -52,6 +53,27 @@ def unwrap_network(trainer) -> torch.nn.Module:
 
     mod = trainer.network.module if trainer.is_ddp else trainer.network
     return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+
+def predict_sharded(keys: Sequence[str], predict: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """``predict(keys)`` split over the ranks of a DDP run: each rank predicts every ``world_size``-th key and all
+    ranks receive the whole result in the order of ``keys``. Without an initialised process group it is
+    ``predict(keys)``.
+
+    Why: nnU-Net calls ``on_validation_epoch_end`` on every rank, so a per-epoch validation that predicts all cases
+    itself did the same work ``world_size`` times. Every rank must call this (it gathers)."""
+    import torch.distributed as dist
+
+    keys = list(keys)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return predict(keys)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts: list = [None] * world
+    dist.all_gather_object(parts, np.asarray(predict(keys[rank::world])))
+    out = np.empty((len(keys), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
 
 
 def save_checkpoint_atomically(checkpoint: dict, filename: str) -> None:

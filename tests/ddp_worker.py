@@ -17,7 +17,7 @@ from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
 
 from csm_nnunet.masking import TRAIN_STREAM, CrossSeriesMasker
 from csm_nnunet.network import CSMMaskedAutoencoder
-from csm_nnunet.trainer_utils import save_trainer_checkpoint
+from csm_nnunet.trainer_utils import predict_sharded, save_trainer_checkpoint
 
 SERIES = ["T1", "T1ce", "T2", "FLAIR"]
 PATCH = (32, 32, 32)
@@ -98,6 +98,15 @@ def ddp_worker(rank: int, world_size: int, rendezvous: str, outs: list[str]) -> 
                 result["grad_ddp"] = torch.cat([p.grad.flatten() for p in trainable])
             opt.step()
         result["weights"] = torch.cat([p.detach().flatten() for p in net.parameters()])
+
+        # (e) the classifier's per-epoch validation: each rank predicts its share of 5 cases, all ranks get all 5
+        seen: list[str] = []
+
+        def predict(keys: list[str]) -> np.ndarray:
+            seen.extend(keys)
+            return np.array([[float(k), float(rank)] for k in keys]).reshape(len(keys), 2)
+
+        result["sharded"], result["sharded_seen"] = predict_sharded([str(k) for k in range(5)], predict), seen
 
         # (d) every rank calls save_checkpoint (nnU-Net's on_epoch_end does); only rank 0 may write
         state = SimpleNamespace(local_rank=dist.get_rank(), disable_checkpointing=False, optimizer=opt,

@@ -256,6 +256,10 @@ def test_ddp_with_gloo_masks_reductions_gradients_and_rank0_checkpoints(tmp_path
     # (c) DDP averaged the two ranks' gradients, and the ranks stayed in step
     torch.testing.assert_close(r0["grad_ddp"], r0["grad_mean_of_ranks"], rtol=1e-4, atol=1e-6)
     assert torch.equal(r1["grad_ddp"], r0["grad_ddp"]) and torch.equal(r1["weights"], r0["weights"])
+    # (e) sharded validation: rank r predicted cases r, r+2, ...; every rank holds all five in order
+    assert r0["sharded_seen"] == ["0", "2", "4"] and r1["sharded_seen"] == ["1", "3"]
+    for res in (r0, r1):
+        np.testing.assert_array_equal(res["sharded"], [[0, 0], [1, 1], [2, 0], [3, 1], [4, 0]])
     # (d) one complete checkpoint, written by rank 0
     assert torch.load(folder / "checkpoint_latest.pth", weights_only=False)["written_by"] == 0
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_latest.pth", "rank0.pt", "rank1.pt"]

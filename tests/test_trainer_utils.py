@@ -1,11 +1,17 @@
 """Pure helpers of the trainers: env overrides, learning-rate schedule, patch fitting, dataset.json reading."""
 
+import numpy as np
 import pytest
 import torch
 
 from csm_nnunet.optim import WarmupCosineLR
 from csm_nnunet.overrides import read_env_overrides
-from csm_nnunet.trainer_utils import channel_names_of, fit_patch_to_tokens, save_checkpoint_atomically
+from csm_nnunet.trainer_utils import (
+    channel_names_of,
+    fit_patch_to_tokens,
+    predict_sharded,
+    save_checkpoint_atomically,
+)
 
 
 def test_env_overrides_parse_and_name_bad_values():
@@ -97,3 +103,14 @@ def test_configure_amp_dtype_prefers_bfloat16_on_cuda_and_leaves_cpu_alone(monke
             configure_amp_dtype(trainer("cuda", amp_dtype="fp8"))
     finally:
         torch.set_autocast_dtype("cuda", before)
+
+
+def test_predict_sharded_without_a_process_group_predicts_everything_once():
+    calls: list[list[str]] = []
+
+    def predict(keys: list[str]) -> np.ndarray:
+        calls.append(keys)
+        return np.arange(2 * len(keys), dtype=float).reshape(len(keys), 2)
+
+    out = predict_sharded(("a", "b", "c"), predict)
+    assert calls == [["a", "b", "c"]] and out.shape == (3, 2)

@@ -63,6 +63,8 @@ from csm_nnunet.trainer_utils import (
     configure_amp_dtype,
     drop_random_series,
     fit_patch_to_tokens,
+    predict_sharded,
+    unwrap_network,
 )
 from csm_nnunet.validate import check_finite_batch, check_training_setup
 
@@ -288,7 +290,7 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
         patch = self.configuration_manager.patch_size
-        net = self.network
+        net = unwrap_network(self)  # no DDP forward: ranks predict different numbers of cases (predict_sharded)
         was_training = net.training
         net.eval()
         out = []
@@ -310,7 +312,7 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         keys = self.validation_keys()
         labels = np.array([self.class_labels[k] for k in keys])
-        probs = self.predict_preprocessed(keys)
+        probs = predict_sharded(keys, self.predict_preprocessed)  # each DDP rank a share, every rank all results
         weight = self.loss.weight.cpu().numpy() if self.loss.weight is not None else np.ones(len(self.class_names))
         nll = -np.log(np.clip(probs[np.arange(len(keys)), labels], 1e-12, 1.0))
         loss = float((weight[labels] * nll).sum() / weight[labels].sum())
