@@ -29,7 +29,7 @@ import tempfile
 
 import numpy as np
 
-from csm_nnunet.fileio import default_file_mode
+from csm_nnunet.fileio import write_json_atomically
 
 BODY_MASK_FLAG = "csm_body_mask_labels"
 BODY_LABELS = {"background": 0, "body": 1}
@@ -221,11 +221,7 @@ def prepare_unlabeled(raw_folder: str, threshold: float | None = None, overwrite
         ds["labels"] = dict(BODY_LABELS)
         ds["numTraining"] = len(cases)
         ds[BODY_MASK_FLAG] = True
-        fd, tmp_json = tempfile.mkstemp(prefix=".dataset.json.tmp-", dir=raw_folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(ds, f, indent=2)
-        default_file_mode(tmp_json)
-        os.replace(tmp_json, json_path)
+        write_json_atomically(json_path, ds, indent=2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
