@@ -274,12 +274,19 @@ class CSMMaskedAutoencoder(nn.Module):
 
     def _embed(self, patches: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """Project gathered patches ``[B, L, P]`` with the weights of their series ``group [B, L]`` -> ``[B, L, D]``.
-        A loop over the (few) series keeps the cost proportional to the tokens actually embedded."""
-        out = patches.new_zeros(*patches.shape[:2], self.preset.embed_dim)
+        A loop over the (few) series keeps the cost proportional to the tokens actually embedded. The output takes
+        the projection's dtype, not the input's: under CUDA autocast ``F.linear`` returns bfloat16/float16 for float32
+        patches, and writing that into a float32 buffer is an error (caught by tests/test_autocast.py on the CPU)."""
+        out: torch.Tensor | None = None
         for g in range(self.num_groups):
             sel = group == g
             if bool(sel.any()):
-                out[sel] = F.linear(patches[sel], self.patch_embed_weight[g], self.patch_embed_bias[g])
+                y = F.linear(patches[sel], self.patch_embed_weight[g], self.patch_embed_bias[g])
+                if out is None:
+                    out = y.new_zeros(*patches.shape[:2], self.preset.embed_dim)
+                out[sel] = y
+        if out is None:
+            raise ValueError("no token to embed: every token of the batch was dropped")
         return out
 
     # ---------------------------------------------------------------- encoder / decoder / loss
