@@ -17,7 +17,9 @@ JSON (see ``docs/benchmarks.md``, "GPU"):
                   the same count per case need none. Measures what the padding costs and which kernels run.
 ``sparse-dense``  the encoder on visible tokens only (the method) vs every token with mask tokens (bf16).
 ``monai``         our step vs MONAI's ``MaskedAutoEncoderViT`` at the same ViT-B width/depth, 4 series fused into one
-                  token per patch (4x fewer tokens), bf16, batch 2 and 8 (MONAI is a benchmark-only dependency).
+                  token per patch (4x fewer tokens), fp32 and bf16, batch 2 and 8 (a benchmark-only dependency).
+``profile``       ``torch.profiler`` of a bf16 step at batch 8: GPU busy share, kernel launches and host
+                  synchronisations per step, top host-side ops (why a small ViT step is host-bound).
 ``unet``          nnU-Net's default 3d_fullres U-Net for this 96^3 plan (the ``PlainConvUNet`` nnU-Net 2.8.1 plans for
                   bench_pretrain's synthetic dataset, with deep supervision) against ``CSMSegTrainer``'s network (B16,
                   deep supervision): a training step (bf16, CE on every deep-supervision output) and an inference
@@ -54,8 +56,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pretrain as bp  # noqa: E402  (machine description, median/summary, MONAI patch order)
 
-SECTIONS = ("peak", "pretrain", "sdpa", "unet", "monai", "sparse-dense")  # most wanted first: a run cut short
-# by its time limit still returns the sections it finished
+# most wanted first: a run cut short by its time limit still returns the sections it finished
+SECTIONS = ("peak", "pretrain", "sdpa", "unet", "monai", "sparse-dense", "profile")
 SERIES = bp.SERIES
 MASK_RATIO = bp.MASK_RATIO
 # NVIDIA data sheets, SXM parts, dense (no 2:4 sparsity) bf16 tensor-core peak in FLOP/s; the H200 has the H100's
@@ -298,53 +300,113 @@ def bench_monai(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     preset = s.presets[0]
     p = get_preset(preset)
     out: dict[str, Any] = {"monai_version": monai.__version__, "preset": preset, "rows": []}
-    for batch in s.batches:
-        ours = guarded(lambda b=batch: pretrain_case(s, preset, b, True, peaks), f"csm {preset} b{batch}")
+    for bf16 in (False, True):  # both precisions: MONAI 1.6.1's MAE fails under bf16 autocast (index_put dtypes)
+        for batch in s.batches:
+            ours = guarded(lambda b=batch, h=bf16: pretrain_case(s, preset, b, h, peaks), f"csm {preset} b{batch}")
 
-        def theirs_case(batch: int = batch) -> dict[str, Any]:
-            reset_memory(s.device)
-            bp.seed_everything(0)
-            net = MaskedAutoEncoderViT(
-                in_channels=len(SERIES), img_size=s.patch, patch_size=p.token_size, hidden_size=p.embed_dim,
-                mlp_dim=4 * p.embed_dim, num_layers=p.depth, num_heads=p.num_heads, masking_ratio=MASK_RATIO,
-                decoder_hidden_size=p.decoder_dim, decoder_mlp_dim=4 * p.decoder_dim,
-                decoder_num_layers=p.decoder_depth, decoder_num_heads=p.decoder_heads, qkv_bias=True,
-                spatial_dims=3).to(s.device).train()
-            opt = adamw([{"params": list(net.parameters()), "weight_decay": 0.05}], lr=1e-4, betas=(0.9, 0.95))
-            x = torch.randn(batch, len(SERIES), *s.patch, generator=torch.Generator().manual_seed(1)).to(s.device)
-            target = bp.monai_patches(x, p.token_size)
+            def theirs_case(batch: int = batch, bf16: bool = bf16) -> dict[str, Any]:
+                reset_memory(s.device)
+                bp.seed_everything(0)
+                net = MaskedAutoEncoderViT(
+                    in_channels=len(SERIES), img_size=s.patch, patch_size=p.token_size, hidden_size=p.embed_dim,
+                    mlp_dim=4 * p.embed_dim, num_layers=p.depth, num_heads=p.num_heads, masking_ratio=MASK_RATIO,
+                    decoder_hidden_size=p.decoder_dim, decoder_mlp_dim=4 * p.decoder_dim,
+                    decoder_num_layers=p.decoder_depth, decoder_num_heads=p.decoder_heads, qkv_bias=True,
+                    spatial_dims=3).to(s.device).train()
+                opt = adamw([{"params": list(net.parameters()), "weight_decay": 0.05}], lr=1e-4, betas=(0.9, 0.95))
+                x = torch.randn(batch, len(SERIES), *s.patch, generator=torch.Generator().manual_seed(1)).to(s.device)
+                target = bp.monai_patches(x, p.token_size)
 
-            def loss_fn() -> torch.Tensor:
-                with autocast(s.device, True):
-                    pred, mask = net(x)
-                per_patch = ((pred.float() - target) ** 2).mean(-1)
-                return (per_patch * mask).sum() / mask.sum()
+                def loss_fn() -> torch.Tensor:
+                    with autocast(s.device, bf16):
+                        pred, mask = net(x)
+                    per_patch = ((pred.float() - target) ** 2).mean(-1)
+                    return (per_patch * mask).sum() / mask.sum()
 
-            def step(i: int) -> None:
-                opt.zero_grad(set_to_none=True)
-                loss_fn().backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
+                def step(i: int) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn().backward()
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                    opt.step()
 
-            times = time_steps(step, s)
+                times = time_steps(step, s)
 
-            def fwd_bwd() -> None:
-                loss_fn().backward()
-                net.zero_grad(set_to_none=True)
+                def fwd_bwd() -> None:
+                    loss_fn().backward()
+                    net.zero_grad(set_to_none=True)
 
-            flops = count_flops(fwd_bwd)
-            res = {"batch": batch, "tokens_per_case": math_prod(s.patch) // p.token_size ** 3,
-                   "step_s": bp.summary(times),
-                "peak_memory_gb": peak_memory_gb(s.device), **rates(bp.median(times), flops, batch, peaks)}
-            log(f"monai b{batch}: {bp.median(times) * 1e3:.1f} ms")
-            return res
+                flops = count_flops(fwd_bwd)
+                res = {"batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
+                       "tokens_per_case": math_prod(s.patch) // p.token_size ** 3, "step_s": bp.summary(times),
+                       "peak_memory_gb": peak_memory_gb(s.device), **rates(bp.median(times), flops, batch, peaks)}
+                log(f"monai b{batch} bf16={bf16}: {bp.median(times) * 1e3:.1f} ms")
+                return res
 
-        theirs = guarded(theirs_case, f"monai b{batch}")
-        row = {"batch": batch, "csm": ours, "monai": theirs}
-        if "step_s" in ours and "step_s" in theirs:
-            row["csm_over_monai"] = round(ours["step_s"]["median"] / theirs["step_s"]["median"], 2)
-        out["rows"].append(row)
+            theirs = guarded(theirs_case, f"monai b{batch} bf16={bf16}")
+            row = {"batch": batch, "precision": "bf16 autocast" if bf16 else "fp32", "csm": ours, "monai": theirs}
+            if "step_s" in ours and "step_s" in theirs:
+                row["csm_over_monai"] = round(ours["step_s"]["median"] / theirs["step_s"]["median"], 2)
+            out["rows"].append(row)
     return out
+
+
+def bench_profile(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
+    """Where a bf16 pretraining step's wall time goes (``torch.profiler``, CPU and CUDA): the share of the wall time
+    the GPU spends in kernels, kernels launched and host synchronisations per step, and the top host-side ops. A
+    step that takes as long at batch 8 as at batch 2 is bound by the host, not the GPU; this says by what."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from csm_nnunet.network import CSMMaskedAutoencoder
+    from csm_nnunet.optim import adamw
+
+    rows = []
+    steps = 2 if s.smoke else 5
+    for preset in s.presets:
+        batch = max(s.batches)
+        net = CSMMaskedAutoencoder(SERIES, s.patch, preset).to(s.device).train()
+        opt = adamw([{"params": list(net.parameters()), "weight_decay": 0.05}], lr=1e-4, betas=(0.9, 0.95))
+        x = torch.randn(batch, len(SERIES), *s.patch, generator=torch.Generator().manual_seed(1)).to(s.device)
+        masks = draw_masks(s, net, batch, s.masks, False)
+
+        def step(i: int, net=net, opt=opt, x=x, masks=masks) -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast(s.device, True):
+                loss = net(x, masks[i % len(masks)]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+
+        time_steps(step, s, timed=0)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for i in range(steps):
+                step(i)
+            sync(s.device)
+        wall = (time.perf_counter() - t0) / steps
+        events = prof.key_averages()
+        kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / steps
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                           "cuLaunchKernelEx")) / steps
+        syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                         "cudaMemcpyAsync")) / steps
+        top = sorted((e for e in events if e.device_type.name == "CPU" and not e.key.startswith("cuda")),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        row = {"preset": preset, "batch": batch, "precision": "bf16 autocast", "profiled_steps": steps,
+               "wall_ms_per_step_profiled": round(wall * 1e3, 1),
+               "gpu_kernel_ms_per_step": round(kernel_us / 1e3, 1),
+               "gpu_busy_share": round(kernel_us / 1e6 / wall, 3),
+               "kernel_launches_per_step": launches, "sync_or_copy_calls_per_step": syncs,
+               "top_host_ops_self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in top},
+               "runtime_api_ms_and_calls_per_step": {
+                   e.key: [round(e.self_cpu_time_total / 1e3 / steps, 2), e.count / steps] for e in events
+                   if e.device_type.name == "CPU" and e.key.startswith("cu")}}
+        log(f"profile {preset} b{batch}: wall {row['wall_ms_per_step_profiled']} ms, kernels "
+            f"{row['gpu_kernel_ms_per_step']} ms, {launches:.0f} launches, {syncs:.0f} sync/copy calls")
+        rows.append(row)
+        del net, opt, x, masks, step
+        reset_memory(s.device)
+    return {"rows": rows}
 
 
 def bench_unet(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
@@ -503,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     fns: dict[str, Callable[[], dict[str, Any]]] = {
         "pretrain": lambda: bench_pretrain(s, peaks), "sdpa": lambda: bench_sdpa(s, peaks),
         "sparse-dense": lambda: bench_sparse_dense(s, peaks), "monai": lambda: bench_monai(s, peaks),
-        "unet": lambda: bench_unet(s, peaks)}
+        "unet": lambda: bench_unet(s, peaks), "profile": lambda: bench_profile(s, peaks)}
     for section in args.only:
         ts = time.perf_counter()
         log(f"section {section}")
