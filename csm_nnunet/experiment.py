@@ -158,6 +158,42 @@ class Runner:
         return seconds
 
 
+TIMINGS_LEDGER = "timings.json"
+
+
+def record_timing(out: str, timings: dict[str, float | None], key: str, seconds: float) -> None:
+    """Keep the wall time of a run in ``timings`` and in ``<out>/timings.json``, which outlives the invocation: a
+    later invocation of the same command reuses the run (its output exists) and reads its time back from there, so
+    the tables' compute total covers every run behind them, not only those of the last invocation."""
+    timings[key] = seconds
+    path = join(out, TIMINGS_LEDGER)
+    ledger = json.load(open(path)) if isfile(path) else {}
+    ledger[key] = round(seconds, 1)
+    write_text_atomically(path, json.dumps(ledger, indent=1, sort_keys=True))
+
+
+def reuse_timing(out: str, timings: dict[str, float | None], key: str) -> None:
+    """A run reused from an earlier invocation: its recorded time, or ``None`` when it predates the ledger."""
+    path = join(out, TIMINGS_LEDGER)
+    timings[key] = (json.load(open(path)) if isfile(path) else {}).get(key)
+
+
+def compute_total(timings: dict[str, float | None]) -> tuple[float, int]:
+    """Seconds summed over the timed runs, and how many runs have no recorded time."""
+    return (round(sum(v for v in timings.values() if v is not None), 1),
+            sum(1 for v in timings.values() if v is None))
+
+
+def wall_note(summary: dict) -> str:
+    """The tables' footer: this invocation's wall time and the compute of every run behind the tables."""
+    text = f"wall time {(summary.get('wall_s') or 0) / 60:.0f} min"
+    if "compute_s" not in summary:
+        return text + "."
+    text += f" (this invocation); {summary['compute_s'] / 60:.0f} min summed over the runs behind these tables"
+    untimed = summary.get("untimed_runs", 0)
+    return text + (f", {untimed} run(s) reused from before times were recorded not counted." if untimed else ".")
+
+
 def _show_progress(results: str, t0: float, epochs: int, shown: int) -> int:
     """Print ``epoch k/epochs`` from the newest nnU-Net training log under ``results`` written since ``t0`` (on a
     terminal in place, otherwise a line per quarter of the run); returns the last epoch shown."""
@@ -276,7 +312,7 @@ class Context:
     steps: dict[str, int]
     arms: list[str]
     checkpoints: dict[tuple[str, str], str]
-    timings: dict[str, float]
+    timings: dict[str, float | None]
     t_start: float
     #: the fine-tuning fold of splits_final.json (0: ``--labelled``; 2 + i: the i-th ``--fractions`` entry)
     fold: int = 0
@@ -310,7 +346,10 @@ class Context:
         if self.args.study == "cls" and getattr(self.args, "crop", None):
             extra["CSM_CROP"] = str(self.args.crop)
         fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", f"fold_{self.fold}")
-        if not isfile(join(fold_dir, "checkpoint_final.pth")):
+        timing_key = f"train {arm}{self.tag}"
+        if isfile(join(fold_dir, "checkpoint_final.pth")):
+            reuse_timing(self.out, self.timings, timing_key)
+        else:
             cmd = ["nnUNetv2_train", str(self.dataset_id), CONFIG, str(self.fold), "-tr", trainer, "-p", PLANS,
                    "-device", self.args.device]
             if pretrainer is not None:
@@ -322,8 +361,8 @@ class Context:
                              f"export_{arm}")
                     weights = exported
                 cmd += ["-pretrained_weights", weights]
-            self.timings[f"train {arm}{self.tag}"] = self.run(cmd, results, extra, f"train_{arm}{self.tag}",
-                                                               epochs=self.args.epochs)
+            record_timing(self.out, self.timings, timing_key,
+                          self.run(cmd, results, extra, f"train_{arm}{self.tag}", epochs=self.args.epochs))
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
             ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"]}
         if pretrainer is not None:
@@ -360,7 +399,12 @@ class Context:
         return summary
 
     def finish(self, summary: dict, results_json: str, md: str) -> None:
-        summary["timings_s"] = {**summary.get("timings_s", {}), **{k: round(v, 1) for k, v in self.timings.items()}}
+        timings = dict(summary.get("timings_s", {}))
+        for k, v in self.timings.items():  # a reuse with no recorded time must not erase one a --resume kept
+            if v is not None or timings.get(k) is None:
+                timings[k] = None if v is None else round(v, 1)
+        summary["timings_s"] = timings
+        summary["compute_s"], summary["untimed_runs"] = compute_total(summary["timings_s"])
         summary["wall_s"] = round(time.time() - self.t_start, 1)
         write_text_atomically(results_json, json.dumps(summary, indent=1))
         write_text_atomically(join(self.out, md), markdown(summary))
@@ -413,11 +457,13 @@ def prepare(args: argparse.Namespace) -> Context:
                     if f.endswith(file_ending)})
 
     # ---- plan + preprocess (once)
-    timings: dict[str, float] = {}
-    if not isfile(join(pre, name, f"{PLANS}.json")):
-        timings["plan_and_preprocess"] = run(
+    timings: dict[str, float | None] = {}
+    if isfile(join(pre, name, f"{PLANS}.json")):
+        reuse_timing(out, timings, "plan_and_preprocess")
+    else:
+        record_timing(out, timings, "plan_and_preprocess", run(
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-c", CONFIG,
-             "-np", "1", "-npfp", "1"], join(out, "results", "_plan"), {"nnUNet_n_proc_DA": "1"}, "plan")
+             "-np", "1", "-npfp", "1"], join(out, "results", "_plan"), {"nnUNet_n_proc_DA": "1"}, "plan"))
     split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed,
                          tuple(getattr(args, "fractions", None) or ()), ds.get("classification_labels"))
     steps = {"pretrain": args.pretrain_epochs * args.iters, "finetune": args.epochs * args.iters}
@@ -437,14 +483,16 @@ def prepare(args: argparse.Namespace) -> Context:
             f"@{replicate}" if replicate > 1 else "")
         results = join(out, "results", f"pretrain_{tag}")
         ckpt = join(results, name, f"{pretrainer}__{PLANS}__{CONFIG}", "fold_1", "checkpoint_final.pth")
-        if not isfile(ckpt):
+        if isfile(ckpt):
+            reuse_timing(out, timings, f"pretrain {tag}")
+        else:
             # replicate k >= 2 draws other masks (CSM_MASK_SEED); weights and batches differ anyway (nnU-Net is
             # not seeded)
             seed = {"CSM_MASK_SEED": str(12345 + 1000 * replicate)} if replicate > 1 else {}
-            timings[f"pretrain {tag}"] = run(
+            record_timing(out, timings, f"pretrain {tag}", run(
                 ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device",
                  args.device],
-                results, {**ctx.length(epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}", epochs=epochs)
+                results, {**ctx.length(epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}", epochs=epochs))
             write_text_atomically(join(os.path.dirname(ckpt), "csm_experiment_steps.json"),
                                   json.dumps({"steps": epochs * args.iters}))
         ctx.checkpoints[key] = ckpt
@@ -469,12 +517,15 @@ def run_segmentation(ctx: Context) -> dict:
         arm_res["dice"] = {}
         for label, folder in val_images.items():
             pred = join(ctx.out, "predictions", arm + ctx.tag, label.replace(" ", "_"))
-            if not isdir(pred) or not any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
-                ctx.timings[f"predict {arm}{ctx.tag} {label}"] = ctx.run(
+            key = f"predict {arm}{ctx.tag} {label}"
+            if isdir(pred) and any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
+                reuse_timing(ctx.out, ctx.timings, key)
+            else:
+                record_timing(ctx.out, ctx.timings, key, ctx.run(
                     ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", str(ctx.fold), "-tr", trainer,
                      "-p", PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1",
                      "-nps", "1"],
-                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}{ctx.tag}")
+                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}{ctx.tag}"))
             arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
@@ -506,11 +557,14 @@ def run_classification(ctx: Context) -> dict:
             csv_path = join(ctx.out, "predictions", f"cls{ctx.cls_tag}_{arm}{ctx.tag}",
                             label.replace(" ", "_") + ".csv")
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-            if not isfile(csv_path):
-                ctx.timings[f"classify {arm}{ctx.tag} {label}"] = ctx.run(
+            key = f"classify {arm}{ctx.tag} {label}"
+            if isfile(csv_path):
+                reuse_timing(ctx.out, ctx.timings, key)
+            else:
+                record_timing(ctx.out, ctx.timings, key, ctx.run(
                     ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", str(ctx.fold),
                      "--masks", join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
-                    {"CSM_PRESET": preset}, f"classify_{arm}{ctx.tag}")
+                    {"CSM_PRESET": preset}, f"classify_{arm}{ctx.tag}"))
             cases, probs = _read_probabilities(csv_path, class_names)
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
@@ -567,11 +621,15 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
                "split": {k: ctx.split[k] for k in ("val", "pretraining", "fractions")}, "steps": ctx.steps,
                "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
                "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat), "machine": first["machine"],
-               "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
+               "timings_s": {k: None if v is None else round(v, 1) for k, v in ctx.timings.items()},
                "fractions": {pct: {"labelled": len(s["split"]["labelled"]), "fold": s["fold"], "arms": s["arms"],
                                    "wall_s": s.get("wall_s")} for pct, s in grid.items()}}
     if ctx.args.study == "seg":
         summary["regions"] = first.get("regions", {})
+    # compute behind the grid: plan and pretraining (ctx) plus every fraction's fine-tuning and prediction runs
+    everything = {**summary["timings_s"], **{f"{pct}: {k}": v for pct, s in grid.items()
+                                              for k, v in s.get("timings_s", {}).items()}}
+    summary["compute_s"], summary["untimed_runs"] = compute_total(everything)
     summary["wall_s"] = round(time.time() - ctx.t_start, 1)
     name = grid_json_name(ctx.args.study, ctx.cls_tag)
     write_text_atomically(join(ctx.out, name), json.dumps(summary, indent=1))
@@ -627,7 +685,7 @@ def markdown_grid(summary: dict) -> str:
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}, device {m.get('device')}; wall time {(summary.get('wall_s') or 0) / 60:.0f} min."]
+              f"{m.get('torch')}, device {m.get('device')}; {wall_note(summary)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -711,7 +769,7 @@ def markdown(summary: dict) -> str:
                          + " | ".join(f"{r['dice'][m][key]:.3f}" for m in missing) + " |")
     m = summary.get("machine", {})
     lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}; wall time {(summary.get('wall_s') or 0) / 60:.0f} min."]
+              f"{m.get('torch')}; {wall_note(summary)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -823,7 +881,7 @@ def _markdown_cls(summary: dict) -> str:
                              + " | ".join(_fmt(r["metrics"][k]["auc"]) for k in missing) + " |")
     m = summary.get("machine", {})
     lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}; wall time {(summary.get('wall_s') or 0) / 60:.0f} min."]
+              f"{m.get('torch')}; {wall_note(summary)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,12 @@ from csm_nnunet.experiment import (
     CLS_ARMS,
     _read_probabilities,
     arm_spec,
+    compute_total,
     markdown,
+    record_timing,
     region_dice,
+    reuse_timing,
+    wall_note,
     write_splits,
     zero_series_copy,
 )
@@ -280,3 +284,24 @@ def test_atomically_saved_figures_get_the_usual_file_mode(tmp_path):
         os.umask(old)
     assert (tmp_path / "f.png").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
     assert os.listdir(tmp_path) == ["f.png"]
+
+
+def test_run_times_outlive_the_invocation_that_measured_them(tmp_path):
+    """A later invocation reuses finished runs; their times come back from <out>/timings.json, so the tables' compute
+    total covers every run behind them. A run older than the ledger counts as untimed, not as zero."""
+    out = str(tmp_path)
+    first: dict = {}
+    record_timing(out, first, "train csm_f50", 300.04)
+    record_timing(out, first, "pretrain CSMPretrainer_tiny8", 120.0)
+    assert first == {"train csm_f50": 300.04, "pretrain CSMPretrainer_tiny8": 120.0}
+    later: dict = {}
+    reuse_timing(out, later, "train csm_f50")
+    reuse_timing(out, later, "train scratch_f50")  # finished before times were kept
+    record_timing(out, later, "train csm-layerdecay_f50", 280.0)
+    assert later == {"train csm_f50": 300.0, "train scratch_f50": None, "train csm-layerdecay_f50": 280.0}
+    assert compute_total(later) == (580.0, 1)
+    note = wall_note({"wall_s": 300, "compute_s": 580.0, "untimed_runs": 1})
+    assert "5 min (this invocation)" in note and "10 min summed" in note and "1 run(s)" in note
+    assert wall_note({"wall_s": 120}) == "wall time 2 min."
+    with open(tmp_path / "timings.json") as f:
+        assert json.load(f)["train csm-layerdecay_f50"] == 280.0
