@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 import time
@@ -55,6 +54,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pretrain as bp  # noqa: E402  (machine description, median/summary, MONAI patch order)
+
+from csm_nnunet.fileio import write_json_atomically  # noqa: E402
 
 # most wanted first: a run cut short by its time limit still returns the sections it finished
 SECTIONS = ("peak", "pretrain", "sdpa", "unet", "monai", "sparse-dense", "profile")
@@ -176,9 +177,11 @@ def tokens_per_batch(masks: list[Any]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ pretraining step
-def pretrain_case(s: Setting, preset: str, batch: int, bf16: bool, peaks: dict[str, float], *,
-                  equal_k: bool = False, sparse: bool = True, backends: list | None = None) -> dict[str, Any]:
-    """One configuration of the CSM pretraining step; ``backends`` restricts SDPA (``torch.nn.attention``)."""
+def pretrain_step(s: Setting, preset: str, batch: int, bf16: bool, *, equal_k: bool = False, sparse: bool = True,
+                  backends: list | None = None) -> tuple[Any, list[Any], Callable[[int], None], Callable[[int], None]]:
+    """A fresh network, its masks, ``CSMPretrainer``'s optimiser step ``step(i)`` (on mask ``i`` modulo the count)
+    and the same forward/backward without the optimiser, ``fwd_bwd(i)`` (for FLOP counting). ``backends``
+    restricts SDPA (``torch.nn.attention``)."""
     from torch.nn.attention import sdpa_kernel
 
     from csm_nnunet.network import CSMMaskedAutoencoder
@@ -192,22 +195,32 @@ def pretrain_case(s: Setting, preset: str, batch: int, bf16: bool, peaks: dict[s
     masks = draw_masks(s, net, batch, s.masks, equal_k)
     kernel_ctx = (lambda: sdpa_kernel(backends)) if backends else contextlib.nullcontext
 
-    def step(i: int) -> None:
-        opt.zero_grad(set_to_none=True)
+    def fwd_bwd(i: int) -> None:
         with kernel_ctx(), autocast(s.device, bf16):
             loss = net(x, masks[i % len(masks)]).loss
         loss.backward()
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        fwd_bwd(i)
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
 
-    def fwd_bwd(i: int) -> None:
-        with kernel_ctx(), autocast(s.device, bf16):
-            loss = net(x, masks[i]).loss
-        loss.backward()
+    return net, masks, step, fwd_bwd
+
+
+def pretrain_case(s: Setting, preset: str, batch: int, bf16: bool, peaks: dict[str, float], *,
+                  equal_k: bool = False, sparse: bool = True, backends: list | None = None) -> dict[str, Any]:
+    """One configuration of the CSM pretraining step: times, FLOPs, throughput, memory."""
+    net, masks, step, fwd_bwd = pretrain_step(s, preset, batch, bf16, equal_k=equal_k, sparse=sparse,
+                                              backends=backends)
+
+    def counted(i: int) -> None:
+        fwd_bwd(i)
         net.zero_grad(set_to_none=True)
 
     times = time_steps(step, s)
-    flops = sum(count_flops(lambda i=i: fwd_bwd(i)) for i in range(len(masks))) / len(masks)
+    flops = sum(count_flops(lambda i=i: counted(i)) for i in range(len(masks))) / len(masks)
     med = bp.median(times)
     res = {"preset": preset, "batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
            "equal_hidden_series_per_case": equal_k, "sparse_encoder": sparse,
@@ -223,13 +236,13 @@ def guarded(fn: Callable[[], dict[str, Any]], label: str) -> dict[str, Any]:
     """A configuration that cannot run (no kernel for the inputs, out of memory) is recorded, not fatal. The
     device's cache is emptied after each configuration, so the next one's peak memory starts from zero."""
     try:
-        res = fn()
-        reset_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        return res
+        return fn()
     except Exception as e:  # noqa: BLE001  (the error text is the measurement: e.g. "no available kernel")
-        log(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        log(f"{label}: {error}")
+        return {"label": label, "error": error}
+    finally:
         reset_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        return {"label": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
 
 
 def bench_peak(s: Setting) -> dict[str, Any]:
@@ -356,26 +369,11 @@ def bench_profile(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     step that takes as long at batch 8 as at batch 2 is bound by the host, not the GPU; this says by what."""
     from torch.profiler import ProfilerActivity, profile
 
-    from csm_nnunet.network import CSMMaskedAutoencoder
-    from csm_nnunet.optim import adamw
-
     rows = []
     steps = 2 if s.smoke else 5
     for preset in s.presets:
         batch = max(s.batches)
-        net = CSMMaskedAutoencoder(SERIES, s.patch, preset).to(s.device).train()
-        opt = adamw([{"params": list(net.parameters()), "weight_decay": 0.05}], lr=1e-4, betas=(0.9, 0.95))
-        x = torch.randn(batch, len(SERIES), *s.patch, generator=torch.Generator().manual_seed(1)).to(s.device)
-        masks = draw_masks(s, net, batch, s.masks, False)
-
-        def step(i: int, net=net, opt=opt, x=x, masks=masks) -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast(s.device, True):
-                loss = net(x, masks[i % len(masks)]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-
+        _, _, step, _ = pretrain_step(s, preset, batch, True)
         time_steps(step, s, timed=0)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
         t0 = time.perf_counter()
@@ -404,7 +402,7 @@ def bench_profile(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
         log(f"profile {preset} b{batch}: wall {row['wall_ms_per_step_profiled']} ms, kernels "
             f"{row['gpu_kernel_ms_per_step']} ms, {launches:.0f} launches, {syncs:.0f} sync/copy calls")
         rows.append(row)
-        del net, opt, x, masks, step
+        del step
         reset_memory(s.device)
     return {"rows": rows}
 
@@ -530,13 +528,6 @@ def gpu_info(s: Setting) -> dict[str, Any]:
     return info
 
 
-def write_atomically(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=bp.REPO_ROOT / "benchmarks" / "results" / "gpu.json")
@@ -581,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         res[section]["section_wall_s"] = round(time.perf_counter() - ts, 1)
         res["mfu_peaks_tflop_s"] = {k: round(v / 1e12, 1) for k, v in peaks.items()}
         res["total_wall_s"] = round(time.perf_counter() - t0, 1)
-        write_atomically(args.out, res)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(str(args.out), res, indent=1)
     log(f"wrote {args.out} in {res['total_wall_s']} s")
     return 0
 
