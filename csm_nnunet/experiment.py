@@ -9,6 +9,8 @@ arms:
 * ``scratch``  ``CSMSegTrainer`` (series tokens) from scratch;
 * ``csm``      ``CSMSegTrainer`` from a ``CSMPretrainer`` encoder (pretrained on every non-validation case);
 * ``mae``      ``CSMSegTrainer_FusedTokens`` from a ``MAEPretrainer`` encoder (channel-fused pretraining);
+* ``scratch-instnorm`` / ``csm-instnorm``  ``CSMSegTrainer_InstanceNormFusion`` (taps standardised per channel over the
+  patch positions instead of LayerNorm-ed per token) from scratch and from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
   ``CSM_PRESET=PrimusS`` CSM encoder folded in by ``csm_nnunet export-primus``.
 
@@ -57,6 +59,8 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "mae": ("CSMSegTrainer_FusedTokens", "MAEPretrainer", None),
     "concat": ("CSMSegTrainer_ConcatFusion", None, None),
     "csm-layerdecay": ("CSMSegTrainer_LayerDecay", "CSMPretrainer", None),
+    "scratch-instnorm": ("CSMSegTrainer_InstanceNormFusion", None, None),
+    "csm-instnorm": ("CSMSegTrainer_InstanceNormFusion", "CSMPretrainer", None),
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),
     "primus-csm": ("nnUNet_Primus_S_Trainer_CSMBudget", "CSMPretrainer", "PrimusS"),
 }

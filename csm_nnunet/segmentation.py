@@ -45,6 +45,9 @@ PER_SERIES_ENCODER_KEYS: tuple[str, ...] = ("patch_embed_weight", "patch_embed_b
 #: Prefix of the transformer's keys (dynamic-network-architectures ``Eva``; Primus' key names).
 EVA_PREFIX = "eva."
 FUSIONS = ("attention", "concat")
+#: how a fusion normalises the encoder taps: per token over channels ("layer", LayerNorm) or per channel over the
+#: patch positions of one case and series ("instance", :class:`TokenInstanceNorm`)
+FUSION_NORMS = ("layer", "instance")
 MAX_DECODER_CHANNELS = 320  # nnU-Net's feature cap for 3D networks
 
 
@@ -75,6 +78,39 @@ class ConvBlock(nn.Sequential):
                          nn.LeakyReLU(0.01, inplace=True))
 
 
+class TokenInstanceNorm(nn.Module):
+    """Standardise each channel over the patch positions of one case and series, then a per-channel affine:
+    ``tokens [B, S, N, D]`` -> same shape. nnU-Net's InstanceNorm, applied to token maps.
+
+    Why not LayerNorm: it divides every token by its own scale. Pretrained encoders put 70-90 % of their token
+    variance on one axis (benchmarks/probe_encoder.py), and how far a token lies along that axis carries what a patch
+    contains; per-token normalisation removes exactly that (a linear patch head on LayerNorm-ed CSM taps lost the
+    enhancing compartment entirely, on the raw taps it kept it). Normalising a channel across positions keeps the
+    differences between tokens. A series absent from a case has all-zero tokens and stays zero (before the affine),
+    and the fusions ignore absent series anyway."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens.float()
+        mean = x.mean(2, keepdim=True)
+        var = x.var(2, unbiased=False, keepdim=True)
+        return ((x - mean) * torch.rsqrt(var + self.eps)).to(tokens.dtype) * self.weight + self.bias
+
+
+def make_fusion_norm(kind: str, dim: int) -> nn.Module:
+    """The normalisation a series fusion applies to its tap (see :data:`FUSION_NORMS`)."""
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    if kind == "instance":
+        return TokenInstanceNorm(dim)
+    raise ValueError(f"fusion_norm must be one of {FUSION_NORMS}, got {kind!r}")
+
+
 class AttentionSeriesFusion(nn.Module):
     """Attention pooling over the present series of each region.
 
@@ -84,16 +120,16 @@ class AttentionSeriesFusion(nn.Module):
     of the series and not an average, so series-specific information survives; the learned weights then let a
     region lean on the series that show it best. Absent series get weight exactly 0 (masked before the softmax).
 
-    ``tokens [B, S, N, D]`` (LayerNorm-ed here, since intermediate ViT states are unnormalised), ``present [B, S]``
-    -> ``[B, N, out_dim]``.
+    ``tokens [B, S, N, D]`` (normalised here by ``norm``, since intermediate ViT states are unnormalised),
+    ``present [B, S]`` -> ``[B, N, out_dim]``.
     """
 
-    def __init__(self, num_series: int, dim: int, num_heads: int, out_dim: int):
+    def __init__(self, num_series: int, dim: int, num_heads: int, out_dim: int, norm: str = "layer"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"fusion width {dim} is not divisible by its {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_fusion_norm(norm, dim)
         self.query = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.key_weight = nn.Parameter(torch.empty(num_series, dim, dim))
         self.key_bias = nn.Parameter(torch.zeros(num_series, dim))
@@ -129,9 +165,9 @@ class ConcatSeriesFusion(nn.Module):
     -> ``[B, N, out_dim]``.
     """
 
-    def __init__(self, num_series: int, dim: int, out_dim: int):
+    def __init__(self, num_series: int, dim: int, out_dim: int, norm: str = "layer"):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_fusion_norm(norm, dim)
         self.absent_embed = nn.Parameter(torch.zeros(num_series, dim))
         self.proj = nn.Linear(num_series * dim, out_dim)
         nn.init.normal_(self.absent_embed, std=0.02)
@@ -340,6 +376,8 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         preset: a name in :data:`csm_nnunet.network.PRESETS` or a :class:`ViTPreset` (must match the pretraining).
         token_size: overrides the preset's token edge; a power of two >= 8 (the decoder doubles resolution).
         fusion: ``"attention"`` (:class:`AttentionSeriesFusion`) or ``"concat"`` (:class:`ConcatSeriesFusion`).
+        fusion_norm: how the fusions normalise the encoder taps, ``"layer"`` (per token) or ``"instance"`` (per
+            channel over the patch positions, :class:`TokenInstanceNorm`).
         deep_supervision: return logits of every decoder level (highest resolution first), nnU-Net style.
         series_names: optional channel names (documentation for adaptation; checked to be unique, length ``S``).
         base_channels: decoder width at full resolution (doubled per coarser level, capped at 320); default: the
@@ -353,7 +391,7 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
     def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
                  token_size: int | None = None, fusion: str = "attention", deep_supervision: bool = False,
                  series_names: Sequence[str] | None = None, base_channels: int | None = None,
-                 fused_tokens: bool = False):
+                 fused_tokens: bool = False, fusion_norm: str = "layer"):
         super().__init__(num_series, patch_size, preset, token_size, series_names, fused_tokens,
                          power_of_two_tokens=True)
         self.num_classes = int(num_classes)
@@ -371,10 +409,14 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         self.tap_depths = tuple(round(k * p.depth / self.num_levels) for k in range(1, self.num_levels + 1))
 
         # fusion over the G token groups of a region (G = 1 for fused tokens: a learned projection of the one token)
+        if fusion_norm not in FUSION_NORMS:
+            raise ValueError(f"fusion_norm must be one of {FUSION_NORMS}, got {fusion_norm!r}")
+        self.fusion_norm = fusion_norm
         if fusion == "attention":
-            self.fusions = nn.ModuleList(AttentionSeriesFusion(G, D, p.num_heads, D) for _ in self.tap_depths)
+            self.fusions = nn.ModuleList(AttentionSeriesFusion(G, D, p.num_heads, D, fusion_norm)
+                                         for _ in self.tap_depths)
         else:
-            self.fusions = nn.ModuleList(ConcatSeriesFusion(G, D, D) for _ in self.tap_depths)
+            self.fusions = nn.ModuleList(ConcatSeriesFusion(G, D, D, fusion_norm) for _ in self.tap_depths)
         # the image branch sees the (absent-zeroed) series plus one presence indicator channel per series
         self.decoder = UNETRDecoder(D, 2 * S, self.num_classes, self.num_levels,
                                     base_channels or self.preset.seg_channels, deep_supervision)

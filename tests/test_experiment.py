@@ -305,3 +305,13 @@ def test_run_times_outlive_the_invocation_that_measured_them(tmp_path):
     assert wall_note({"wall_s": 120}) == "wall time 2 min."
     with open(tmp_path / "timings.json") as f:
         assert json.load(f)["train csm-layerdecay_f50"] == 280.0
+
+
+def test_every_arm_names_a_trainer_nnunet_can_find():
+    """An arm whose trainer is not exported by ``csm_nnunet.trainers`` (what the discovery shim re-exports) would
+    only fail inside ``nnUNetv2_train``, minutes into an experiment."""
+    import csm_nnunet.trainers as trainers
+
+    named = {spec[0] for spec in ARMS.values()} | {spec[0] for spec in CLS_ARMS.values()}
+    missing = sorted(t for t in named if t not in trainers.__all__ or not hasattr(trainers, t))
+    assert not missing, missing

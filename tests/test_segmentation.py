@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_nnunet.network import CSMMaskedAutoencoder
-from csm_nnunet.segmentation import CSMSegmentationNetwork, is_encoder_key
+from csm_nnunet.segmentation import CSMSegmentationNetwork, is_encoder_key, make_fusion_norm
 
 SERIES = ["T1", "T1ce", "T2", "FLAIR"]
 PATCH = (32, 48, 32)
@@ -48,9 +48,10 @@ def test_encoder_keys_and_shapes_equal_the_pretraining_encoder():
     assert not any(is_encoder_key(k) for k in net.state_dict() if k.startswith(("fusions.", "decoder.")))
 
 
-@pytest.mark.parametrize("fusion", ["attention", "concat"])
-def test_absent_series_do_not_influence_the_output(fusion):
-    net = make(fusion=fusion).eval()
+@pytest.mark.parametrize("fusion,fusion_norm", [("attention", "layer"), ("concat", "layer"),
+                                                ("attention", "instance"), ("concat", "instance")])
+def test_absent_series_do_not_influence_the_output(fusion, fusion_norm):
+    net = make(fusion=fusion, fusion_norm=fusion_norm).eval()
     x = torch.randn(1, 4, *PATCH)
     present = torch.tensor([[True, True, False, True]])
     x2 = x.clone()
@@ -74,8 +75,9 @@ def test_encoder_drops_absent_tokens():
     assert seen[0] == (2, 2 * net.num_patches, 96)  # the longest case: 2 series x 12 patches, no zero tokens
 
 
-def test_case_output_does_not_depend_on_batch_padding():
-    net = make().eval()
+@pytest.mark.parametrize("fusion_norm", ["layer", "instance"])
+def test_case_output_does_not_depend_on_batch_padding(fusion_norm):
+    net = make(fusion_norm=fusion_norm).eval()
     x = torch.randn(2, 4, *PATCH)
     present = torch.tensor([[True, True, True, True], [False, True, False, False]])
     with torch.no_grad():
@@ -86,11 +88,29 @@ def test_case_output_does_not_depend_on_batch_padding():
     assert torch.allclose(both[1], second[0], atol=1e-4)
 
 
-def test_overfits_a_synthetic_blob_segmentation():
+def test_instance_fusion_norm_keeps_what_layernorm_removes():
+    """Tokens that differ only in how far they lie along one direction (how pretrained taps look: most variance on
+    one axis): a per-token LayerNorm maps them all to one vector, the per-channel instance norm keeps them apart and
+    in order. This is the difference behind ``fusion_norm="instance"``."""
+    torch.manual_seed(0)
+    direction = torch.randn(96)
+    tokens = (torch.linspace(1.0, 5.0, 12)[:, None] * direction)[None, None]  # [B=1, S=1, N=12, D=96]
+    with torch.no_grad():
+        layer = make_fusion_norm("layer", 96)(tokens)[0, 0]
+        inst = make_fusion_norm("instance", 96)(tokens)[0, 0]
+    assert torch.allclose(layer[0], layer[-1], atol=1e-4)
+    along = inst @ direction  # position along the direction after normalisation
+    assert (along[1:] > along[:-1]).all() and float(along[-1] - along[0]) > 1.0
+    with pytest.raises(ValueError, match="fusion_norm must be one of"):
+        make(fusion_norm="batch")
+
+
+@pytest.mark.parametrize("fusion_norm", ["layer", "instance"])
+def test_overfits_a_synthetic_blob_segmentation(fusion_norm):
     """Cross-entropy must fall on a fixed 2-class blob task (gradients reach encoder, fusion and decoder).
     8^3 tokens on a 24^3 patch keep the full-resolution convolutions cheap."""
     torch.manual_seed(0)
-    net = CSMSegmentationNetwork(2, 2, (24, 24, 24), "tiny", token_size=8, base_channels=8)
+    net = CSMSegmentationNetwork(2, 2, (24, 24, 24), "tiny", token_size=8, base_channels=8, fusion_norm=fusion_norm)
     grid = torch.stack(torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij"))
     label = (((grid - torch.tensor([9.0, 13.0, 11.0])[:, None, None, None]) ** 2).sum(0) < 25).long()[None]
     g = torch.Generator().manual_seed(0)
@@ -106,6 +126,7 @@ def test_overfits_a_synthetic_blob_segmentation():
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
     assert net.patch_embed_weight.grad is not None and net.fusions[0].proj.weight.grad is not None
+    assert net.fusions[0].norm.weight.grad is not None
 
 
 def test_bad_inputs_are_named():

@@ -25,6 +25,7 @@ from csm_nnunet.trainers.csm_seg_trainer import CSMSegTrainer
 from csm_nnunet.trainers.csm_seg_variants import (
     CSMSegTrainer_ConcatFusion,
     CSMSegTrainer_FusedTokens,
+    CSMSegTrainer_InstanceNormFusion,
     CSMSegTrainer_LayerDecay,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "CSMSegTrainer",
     "CSMSegTrainer_ConcatFusion",
     "CSMSegTrainer_FusedTokens",
+    "CSMSegTrainer_InstanceNormFusion",
     "CSMSegTrainer_LayerDecay",
     "MAEPretrainer",
     "nnUNetTrainer_CSMBudget",

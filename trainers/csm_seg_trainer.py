@@ -38,7 +38,8 @@ PLANS_KEY = "csm_network"
 class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
     """Series-tokenized ViT encoder + series fusion + UNETR-style decoder with a full-resolution conv branch.
 
-    Class attributes: ``preset`` (CSM_PRESET), ``fusion`` ("attention" | "concat"), ``series_dropout`` (probability
+    Class attributes: ``preset`` (CSM_PRESET), ``fusion`` ("attention" | "concat"), ``fusion_norm`` ("layer" |
+    "instance", how the fusion normalises the encoder taps), ``series_dropout`` (probability
     per training case of dropping 1..s-1 random series, so missing series at inference are expected), ``layer_decay``
     (layer-wise lr decay factor, None = off), ``warmup_fraction``, ``fused_tokens`` (the channel-fused-token
     baseline, see :class:`csm_nnunet.segmentation.CSMSegmentationNetwork`).
@@ -47,6 +48,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
     preset: str = "B16"
     amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     fusion: str = "attention"
+    fusion_norm: str = "layer"
     series_dropout: float = 0.2
     fused_tokens: bool = False
 
@@ -61,6 +63,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
         # the results folder's plans.json must describe the trained network (patch grid, preset) for inference
         plans["configurations"][configuration]["patch_size"] = list(fitted)
         plans["configurations"][configuration][PLANS_KEY] = {"preset": preset, "fusion": self.fusion,
+                                                             "fusion_norm": self.fusion_norm,
                                                              "fused_tokens": self.fused_tokens,
                                                              "series_names": self.series_names,
                                                              "base_channels": get_preset(preset).seg_channels}
@@ -72,6 +75,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
             self.print_to_log_file(f"csm-nnunet: patch size {planned} is not a multiple of the token size {token}; "
                                    f"using {list(fitted)} (rounded down per axis) for training and inference.")
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} fusion={self.fusion} "
+                               f"fusion_norm={self.fusion_norm} "
                                f"series={self.series_names} series_dropout={self.series_dropout} "
                                f"fused_tokens={self.fused_tokens}")
 
@@ -84,6 +88,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
         return CSMSegmentationNetwork(num_input_channels, num_output_channels, configuration_manager.patch_size,
                                       preset=cfg.get("preset", read_env_overrides().get("preset", "B16")),
                                       fusion=cfg.get("fusion", "attention"),
+                                      fusion_norm=cfg.get("fusion_norm", "layer"),
                                       deep_supervision=enable_deep_supervision,
                                       series_names=cfg.get("series_names"),
                                       fused_tokens=bool(cfg.get("fused_tokens", False)),

@@ -26,3 +26,11 @@ class CSMSegTrainer_LayerDecay(CSMSegTrainer):
     """Layer-wise lr decay 0.75 (MAE fine-tuning practice): deeper encoder blocks move more than the stem."""
 
     layer_decay = 0.75
+
+
+class CSMSegTrainer_InstanceNormFusion(CSMSegTrainer):
+    """The series fusion standardises each channel of a tap over the patch positions (per case and series) instead of
+    LayerNorm-ing each token: pretrained taps keep their token-to-token differences (docs/experiments.md, "linear
+    probes")."""
+
+    fusion_norm = "instance"
