@@ -49,11 +49,11 @@ def test_pretraining_network_under_autocast(dtype: torch.dtype, kind: str) -> No
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fusion", ["attention", "concat"])
-def test_segmentation_network_under_autocast(dtype: torch.dtype, fusion: str) -> None:
+@pytest.mark.parametrize("fusion,fusion_norm", [("attention", "layer"), ("concat", "layer"), ("attention", "instance")])
+def test_segmentation_network_under_autocast(dtype: torch.dtype, fusion: str, fusion_norm: str) -> None:
     torch.manual_seed(0)
     net = CSMSegmentationNetwork(4, 3, PATCH, preset="tiny8", fusion=fusion, deep_supervision=True,
-                                 series_names=SERIES)
+                                 series_names=SERIES, fusion_norm=fusion_norm)
     x = torch.randn(2, 4, *PATCH)
     present = torch.tensor([[True, True, True, True], [True, False, True, False]])  # padded encoder batch
     with torch.autocast("cpu", dtype=dtype):
