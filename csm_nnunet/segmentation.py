@@ -82,12 +82,14 @@ class TokenInstanceNorm(nn.Module):
     """Standardise each channel over the patch positions of one case and series, then a per-channel affine:
     ``tokens [B, S, N, D]`` -> same shape. nnU-Net's InstanceNorm, applied to token maps.
 
-    Why not LayerNorm: it divides every token by its own scale. Pretrained encoders put 70-90 % of their token
+    Why not LayerNorm: it divides every token by its own scale. Pretrained encoders put 76-89 % of their token
     variance on one axis (benchmarks/probe_encoder.py), and how far a token lies along that axis carries what a patch
     contains; per-token normalisation removes exactly that (a linear patch head on LayerNorm-ed CSM taps lost the
     enhancing compartment entirely, on the raw taps it kept it). Normalising a channel across positions keeps the
     differences between tokens. A series absent from a case has all-zero tokens and stays zero (before the affine),
-    and the fusions ignore absent series anyway."""
+    and the fusions ignore absent series anyway. Measured at the CPU scale of docs/experiments.md it is not better
+    than LayerNorm overall (it helps CSM weights on the enhancing rim, hurts scratch), so it is an option, not the
+    default."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -409,9 +411,7 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         self.tap_depths = tuple(round(k * p.depth / self.num_levels) for k in range(1, self.num_levels + 1))
 
         # fusion over the G token groups of a region (G = 1 for fused tokens: a learned projection of the one token)
-        if fusion_norm not in FUSION_NORMS:
-            raise ValueError(f"fusion_norm must be one of {FUSION_NORMS}, got {fusion_norm!r}")
-        self.fusion_norm = fusion_norm
+        self.fusion_norm = fusion_norm  # checked by make_fusion_norm
         if fusion == "attention":
             self.fusions = nn.ModuleList(AttentionSeriesFusion(G, D, p.num_heads, D, fusion_norm)
                                          for _ in self.tap_depths)
