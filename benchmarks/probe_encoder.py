@@ -55,12 +55,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pretrain as bp  # noqa: E402  (machine description, git state)
 
+from csm_nnunet.experiment import REGIONS  # noqa: E402  (the runner's label regions)
 from csm_nnunet.fileio import write_json_atomically  # noqa: E402
 from csm_nnunet.network import patchify_groups  # noqa: E402
 
 PLANS = "nnUNetCSMPlans"
 CONFIG = "3d_fullres"
-BRAIN_REGIONS = {"whole tumour": (1, 2, 3), "tumour core": (2, 3), "enhancing": (2,)}
 
 
 def load_cases(preprocessed: str, plans: str, cases: list[str], patch: tuple[int, ...]
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold", type=int, default=1, help="splits_final.json fold: train = probe training cases, "
                                                             "val = probe test cases (default 1)")
     parser.add_argument("--min-fraction", type=float, default=0.01,
-                        help="a patch counts as a region's when at least this share of its voxels is (default 0.1)")
+                        help="a patch counts as a region's when at least this share of its voxels is (default 0.01)")
     parser.add_argument("--layers", default=None, help="comma-separated block depths to probe (default: all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--out", required=True, help="results JSON (written atomically)")
@@ -248,22 +248,22 @@ def main(argv: list[str] | None = None) -> int:
         dataset = json.load(f)
     series = [dataset["channel_names"][k] for k in sorted(dataset["channel_names"], key=int)]
     labels = {int(v) for v in dataset["labels"].values()}
-    regions = BRAIN_REGIONS if {1, 2, 3} <= labels else {"foreground": tuple(sorted(labels - {0}))}
+    regions = REGIONS["brain"] if {1, 2, 3} <= labels else {"foreground": tuple(sorted(labels - {0}))}
 
-    encoders: list[tuple[str, str | None]] = []
+    encoders: list[tuple[str, str | None, dict]] = []  # name, checkpoint (None: random init), network config
     for item in args.checkpoint:
         name, sep, path = item.partition("=")
         if not sep or not os.path.isfile(path):
             raise SystemExit(f"--checkpoint {item!r}: expected NAME=PATH to an existing checkpoint file")
-        encoders.append((name, path))
+        encoders.append((name, path, torch.load(path, map_location="cpu", weights_only=False)["csm_network"]))
     if not encoders:
         raise SystemExit("give at least one --checkpoint NAME=PATH (its preset is the reference for --random)")
-    ref = torch.load(encoders[0][1], map_location="cpu", weights_only=False)["csm_network"]
+    ref = encoders[0][2]
     patch = tuple(int(p) for p in ref["patch_size"])
     token, preset = int(ref["token_size"]), ref["preset"]["name"]
     grid = tuple(p // token for p in patch)
     n_patches = int(np.prod(grid))
-    encoders += [(f"random{i + 1}", None) for i in range(args.random)]
+    encoders += [(f"random{i + 1}", None, ref) for i in range(args.random)]
 
     images, segs = load_cases(args.preprocessed, args.plans, train_cases + test_cases, patch)
     voxels = voxel_targets(segs, regions, token, grid)
@@ -289,12 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isfile(args.out):  # a run cut short: keep the encoders it finished (same checkpoint file)
         with open(args.out) as f:
             previous = json.load(f).get("encoders", {})
-    for i, (name, path) in enumerate(encoders):
-        if name in previous and previous[name].get("checkpoint") == path and name != "raw voxels":
+    for i, (name, path, cfg) in enumerate(encoders):
+        if name in previous and previous[name].get("checkpoint") == path:
             results[name] = previous[name]
             bp.log(f"{name}: kept from {args.out}")
             continue
-        cfg = torch.load(path, map_location="cpu", weights_only=False)["csm_network"] if path else ref
         fused = bool(cfg.get("fused"))
         if path is None:
             torch.manual_seed(1000 + i)
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = entry
         write_json_atomically(args.out, {**header, "encoders": results, "complete": False})
         last = entry["probes"][max(entry["probes"], key=lambda k: int(k.split()[1]))]["all"]
-        bp.log(f"{name}: AUC " + ", ".join(f"{r} {v:.3f}" for r, v in last["auc"].items() if v is not None)
+        bp.log(f"{name}: AUC " + ", ".join(f"{r} {v:.3f}" for r, v in last.get("auc", {}).items() if v is not None)
                + "; voxel Dice " + ", ".join(f"{r} {v:.3f}" for r, v in last["voxel_dice"].items() if v is not None))
 
     out = {**header, "encoders": results, "complete": True, "seconds": round(time.time() - t0, 1),
