@@ -332,11 +332,14 @@ class Context:
     def pretrained_key(self, arm: str, pretrainer: str, preset: str) -> tuple[str, str, int, int]:
         """Which pretraining run an arm loads: ``(pretrainer, preset, replicate, epochs)``. Replicate 1 for every
         arm, or with ``--pretrain-per-repeat`` the arm's repeat number (``csm@3`` loads pretraining run 3), so
-        repeats measure pretraining variance too, not only fine-tuning variance. Epochs: ``--pretrain-epochs``, or
-        for ``name~steps`` the epochs of ``--iters`` iterations that reach ``steps`` (rounded up)."""
+        repeats measure pretraining variance too, not only fine-tuning variance. With ``--finetunes-per-encoder M``
+        consecutive repeats share a run (``csm@1..M`` load run 1, ``csm@M+1..2M`` run 2, ...), which separates the
+        encoder's variance from fine-tuning's. Epochs: ``--pretrain-epochs``, or for ``name~steps`` the epochs of
+        ``--iters`` iterations that reach ``steps`` (rounded up)."""
         _, steps, k = parse_arm(arm)
         epochs = self.args.pretrain_epochs if steps is None else -(-steps // self.args.iters)
-        return pretrainer, preset, k if (k > 1 and self.args.pretrain_per_repeat) else 1, epochs
+        per_encoder = getattr(self.args, "finetunes_per_encoder", 1) or 1
+        return pretrainer, preset, (k - 1) // per_encoder + 1 if self.args.pretrain_per_repeat else 1, epochs
 
     def length(self, epochs: int) -> dict[str, str]:
         return {"CSM_NUM_EPOCHS": str(epochs), "CSM_ITERS_PER_EPOCH": str(self.args.iters), "CSM_VAL_ITERS": "2"}
@@ -398,6 +401,7 @@ class Context:
         summary.update({"study": a.study, "dataset": self.name, "split": self.split, "fold": self.fold,
                         "steps": self.steps,
                         "batch": "from the plans", "preset": a.preset,
+                        "finetunes_per_encoder": getattr(a, "finetunes_per_encoder", 1),
                         "machine": machine_description(a.threads, a.device)})
         summary.setdefault("arms", {})
         return summary
@@ -624,7 +628,8 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     summary = {"study": ctx.args.study, "dataset": ctx.name, "grid": True,
                "split": {k: ctx.split[k] for k in ("val", "pretraining", "fractions")}, "steps": ctx.steps,
                "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
-               "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat), "machine": first["machine"],
+               "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat),
+               "finetunes_per_encoder": getattr(ctx.args, "finetunes_per_encoder", 1), "machine": first["machine"],
                "timings_s": {k: None if v is None else round(v, 1) for k, v in ctx.timings.items()},
                "fractions": {pct: {"labelled": len(s["split"]["labelled"]), "fold": s["fold"], "arms": s["arms"],
                                    "wall_s": s.get("wall_s")} for pct, s in grid.items()}}
@@ -674,7 +679,9 @@ def markdown_grid(summary: dict) -> str:
              f"{len(summary['split']['pretraining'])} others (images only, {summary['steps']['pretrain']} steps); "
              f"fine-tuning on a label fraction of them ({summary['steps']['finetune']} steps, preset "
              f"{summary['preset']}); {summary['seeds']} seed(s) per arm"
-             + (", each with its own pretraining run" if summary["pretrain_per_repeat"] else "") + ". "
+             + ((", each with its own pretraining run" if summary.get("finetunes_per_encoder", 1) == 1 else
+                 f", every {summary['finetunes_per_encoder']} consecutive seeds sharing one pretraining run")
+                if summary["pretrain_per_repeat"] else "") + ". "
              "Mean ± sd over seeds (n runs when not every seed gave a value).", ""]
     head = " | ".join(f"{pct} % ({f['labelled']} cases)" for pct, f in fr.items())
     # runs of each arm per fraction (seeds that finished), to flag cells where a seed gave no value
@@ -761,6 +768,7 @@ def markdown(summary: dict) -> str:
         pre = "-" if not r["pretrained"] else f"{r['pretrained']} ({r.get('pretrain_steps') or '?'})"
         lines.append(f"| {arm} | {r['trainer']} | {pre} | " + " | ".join(f"{d[c]:.3f}" for c in cols) + " |")
     lines += repeat_table({arm: r["dice"]["complete"] for arm, r in arms.items()}, cols)
+    lines += encoder_table(arms, {arm: r["dice"]["complete"] for arm, r in arms.items()}, cols)
     missing = [k for k in next(iter(arms.values()))["dice"] if k != "complete"]
     if missing:
         key = next((c for c in ("whole tumour", "gland+lesion") if c in cols), cols[0])
@@ -847,6 +855,41 @@ def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) ->
     return lines
 
 
+def encoder_table(arms: dict[str, dict], scores: dict[str, dict[str, float | None]], cols: list[str]) -> list[str]:
+    """Markdown lines for pretrained arms whose repeats share pretraining runs (``--finetunes-per-encoder``): mean ±
+    sd over each encoder's fine-tunings, then the sd of the encoder means ("between") and the pooled sd of the
+    fine-tunings around their own encoder's mean ("within"). Why: at few labels one arm's spread mixes the two, and
+    only the between-encoder part says how much one pretraining run can be trusted. Empty unless some arm has >= 2
+    encoders and some encoder >= 2 fine-tunings."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for arm, r in arms.items():
+        if r.get("pretrained_checkpoint"):
+            groups.setdefault(arm.partition("@")[0], {}).setdefault(r["pretrained_checkpoint"], []).append(scores[arm])
+    nested = {a: e for a, e in groups.items() if len(e) > 1 and any(len(runs) > 1 for runs in e.values())}
+    if not nested:
+        return []
+    lines = ["", "Pretrained arms by encoder (pretraining run), mean ± sd over its fine-tunings; between: sd of the "
+             "encoder means; within: pooled sd of the fine-tunings around their encoder's mean:", "",
+             "| arm | encoder | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for arm, encoders in nested.items():
+        for ckpt, runs in encoders.items():
+            parts = ckpt.replace(os.sep, "/").split("/")
+            label = parts[1] if len(parts) > 1 and parts[0] == "results" else ckpt
+            lines.append(f"| {arm} | {label} | {len(runs)} | "
+                         + " | ".join(_mean_sd(_values(runs, c)) for c in cols) + " |")
+        between, within = [], []
+        for c in cols:
+            per_encoder = [v for v in (_values(runs, c) for runs in encoders.values()) if v]
+            means = [float(np.mean(v)) for v in per_encoder]
+            between.append(f"{np.std(means, ddof=1):.3f}" if len(means) > 1 else "n/a")
+            dof = sum(len(v) - 1 for v in per_encoder)
+            ss = sum(float(np.sum((np.array(v) - np.mean(v)) ** 2)) for v in per_encoder)
+            within.append(f"{np.sqrt(ss / dof):.3f}" if dof else "n/a")
+        lines += [f"| {arm} | between | {len(encoders)} | " + " | ".join(between) + " |",
+                  f"| {arm} | within | {sum(len(r) for r in encoders.values())} | " + " | ".join(within) + " |"]
+    return lines
+
+
 def _mean_sd(vals: list[float]) -> str:
     """A table cell: ``mean ± sample sd``, the value itself for one run, ``n/a`` for none."""
     if not vals:
@@ -874,7 +917,9 @@ def _markdown_cls(summary: dict) -> str:
         lines.append(f"| {arm} | {r['trainer']} | {pre} | {_fmt(m['auc'])} | {_fmt(m['accuracy'])} | "
                      f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |")
     keys = ["auc", "accuracy", "sensitivity", "specificity"]
-    lines += repeat_table({arm: {k: r["metrics"]["complete"][k] for k in keys} for arm, r in arms.items()}, keys)
+    cls_scores = {arm: {k: r["metrics"]["complete"][k] for k in keys} for arm, r in arms.items()}
+    lines += repeat_table(cls_scores, keys)
+    lines += encoder_table(arms, cls_scores, keys)
     missing = [k for k in next(iter(arms.values()))["metrics"] if k != "complete"]
     if missing:
         lines += ["", "Missing series at inference (AUC; the series replaced by an all-zero image):", "",
@@ -930,11 +975,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-per-repeat", action="store_true",
                         help="repeat k of a pretrained arm (csm@k) loads its own pretraining run k (other masks, "
                              "weights, batches) instead of the shared run 1")
+    parser.add_argument("--finetunes-per-encoder", type=_at_least_one, default=1, metavar="M",
+                        help="with --pretrain-per-repeat: M consecutive repeats fine-tune the same pretraining run "
+                             "(csm..csm@M run 1, csm@M+1..csm@2M run 2, ...), and results*.md split each pretrained "
+                             "arm's spread into between-encoder and within-encoder parts (implies "
+                             "--pretrain-per-repeat when > 1; default 1)")
 
 
 STUDY_DEFAULTS = {"seg": {"arms": "nnunet,fused,scratch,csm", "kind": "brain", "cases": 24, "val": 8, "labelled": 8},
                   "cls": {"arms": "scratch,csm,fused,mae", "kind": "prostate", "cases": 48, "val": 16,
                           "labelled": 16}}
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
 
 
 def _percentages(text: str) -> list[int]:
@@ -957,6 +1013,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.seeds = args.seeds or 3
     args.seeds = args.seeds or 1
     if args.seeds > 1:
+        args.pretrain_per_repeat = True
+    if getattr(args, "finetunes_per_encoder", 1) > 1:
         args.pretrain_per_repeat = True
     for key, value in STUDY_DEFAULTS[args.study].items():
         if getattr(args, key) is None:

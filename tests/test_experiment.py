@@ -137,6 +137,43 @@ def test_repeats_share_the_pretraining_run_unless_asked_otherwise():
     assert ctx(True).pretrained_key("csm~90@2", "CSMPretrainer", "small8") == ("CSMPretrainer", "small8", 2, 5)
 
 
+def test_finetunes_per_encoder_groups_consecutive_repeats_on_one_pretraining_run():
+    import argparse
+
+    from csm_nnunet.experiment import Context, add_arguments, apply_defaults
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = apply_defaults(parser.parse_args(["seg", "--out", "x", "--finetunes-per-encoder", "3"]))
+    assert args.pretrain_per_repeat and args.finetunes_per_encoder == 3
+    ctx = Context(args, "", None, "", 0, {}, "", {}, {}, [], {}, {}, 0.0)
+    runs = [ctx.pretrained_key(arm, "CSMPretrainer", "tiny8")[2]
+            for arm in ["csm", "csm@2", "csm@3", "csm@4", "csm@6", "csm@7"]]
+    assert runs == [1, 1, 1, 2, 2, 3]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["seg", "--out", "x", "--finetunes-per-encoder", "0"])
+
+
+def test_encoder_table_splits_between_and_within_encoder_spread():
+    from csm_nnunet.experiment import encoder_table
+
+    enc1 = "results/pretrain_CSMPretrainer_tiny8/D/x/fold_1/c.pth"
+    enc2 = "results/pretrain_CSMPretrainer_tiny8@2/D/c.pth"
+    arms = {"csm": {"pretrained_checkpoint": enc1}, "csm@2": {"pretrained_checkpoint": enc1},
+            "csm@3": {"pretrained_checkpoint": enc2}, "csm@4": {"pretrained_checkpoint": enc2},
+            "scratch": {}, "scratch@2": {}}
+    scores = {"csm": {"wt": 0.8}, "csm@2": {"wt": 0.6}, "csm@3": {"wt": 0.5}, "csm@4": {"wt": 0.3},
+              "scratch": {"wt": 0.9}, "scratch@2": {"wt": 0.1}}
+    lines = encoder_table(arms, scores, ["wt"])
+    assert "| csm | pretrain_CSMPretrainer_tiny8 | 2 | 0.700 ± 0.141 |" in lines
+    assert "| csm | pretrain_CSMPretrainer_tiny8@2 | 2 | 0.400 ± 0.141 |" in lines
+    # encoder means 0.7 and 0.4: sd 0.212; residuals +-0.1 in both: pooled sd sqrt(0.04 / 2) = 0.141
+    assert "| csm | between | 2 | 0.212 |" in lines and "| csm | within | 4 | 0.141 |" in lines
+    assert not any(line.startswith("| scratch") for line in lines)
+    # one fine-tuning per encoder: nothing to split
+    assert encoder_table({k: v for k, v in arms.items() if k in ("csm", "csm@3")}, scores, ["wt"]) == []
+
+
 def test_repeat_table_mean_and_sd():
     from csm_nnunet.experiment import repeat_table
 
