@@ -976,10 +976,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repeat k of a pretrained arm (csm@k) loads its own pretraining run k (other masks, "
                              "weights, batches) instead of the shared run 1")
     parser.add_argument("--finetunes-per-encoder", type=_at_least_one, default=1, metavar="M",
-                        help="with --pretrain-per-repeat: M consecutive repeats fine-tune the same pretraining run "
-                             "(csm..csm@M run 1, csm@M+1..csm@2M run 2, ...), and results*.md split each pretrained "
-                             "arm's spread into between-encoder and within-encoder parts (implies "
-                             "--pretrain-per-repeat when > 1; default 1)")
+                        help="M consecutive repeats of a pretrained arm fine-tune the same pretraining run "
+                             "(csm..csm@M run 1, csm@M+1..csm@2M run 2, ...; e.g. --seeds 12 --finetunes-per-encoder "
+                             "4: 3 encoders x 4 fine-tunings), and results*.md split each pretrained arm's spread into "
+                             "between-encoder and within-encoder parts (implies --pretrain-per-repeat when > 1; "
+                             "default 1)")
 
 
 STUDY_DEFAULTS = {"seg": {"arms": "nnunet,fused,scratch,csm", "kind": "brain", "cases": 24, "val": 8, "labelled": 8},
