@@ -338,7 +338,7 @@ class Context:
         ``--iters`` iterations that reach ``steps`` (rounded up)."""
         _, steps, k = parse_arm(arm)
         epochs = self.args.pretrain_epochs if steps is None else -(-steps // self.args.iters)
-        per_encoder = getattr(self.args, "finetunes_per_encoder", 1) or 1
+        per_encoder = getattr(self.args, "finetunes_per_encoder", 1)
         return pretrainer, preset, (k - 1) // per_encoder + 1 if self.args.pretrain_per_repeat else 1, epochs
 
     def length(self, epochs: int) -> dict[str, str]:
@@ -767,8 +767,9 @@ def markdown(summary: dict) -> str:
         d = r["dice"]["complete"]
         pre = "-" if not r["pretrained"] else f"{r['pretrained']} ({r.get('pretrain_steps') or '?'})"
         lines.append(f"| {arm} | {r['trainer']} | {pre} | " + " | ".join(f"{d[c]:.3f}" for c in cols) + " |")
-    lines += repeat_table({arm: r["dice"]["complete"] for arm, r in arms.items()}, cols)
-    lines += encoder_table(arms, {arm: r["dice"]["complete"] for arm, r in arms.items()}, cols)
+    scores = {arm: r["dice"]["complete"] for arm, r in arms.items()}
+    lines += repeat_table(scores, cols)
+    lines += encoder_table(arms, scores, cols)
     missing = [k for k in next(iter(arms.values()))["dice"] if k != "complete"]
     if missing:
         key = next((c for c in ("whole tumour", "gland+lesion") if c in cols), cols[0])
@@ -886,7 +887,7 @@ def encoder_table(arms: dict[str, dict], scores: dict[str, dict[str, float | Non
             ss = sum(float(np.sum((np.array(v) - np.mean(v)) ** 2)) for v in per_encoder)
             within.append(f"{np.sqrt(ss / dof):.3f}" if dof else "n/a")
         lines += [f"| {arm} | between | {len(encoders)} | " + " | ".join(between) + " |",
-                  f"| {arm} | within | {sum(len(r) for r in encoders.values())} | " + " | ".join(within) + " |"]
+                  f"| {arm} | within | {sum(len(runs) for runs in encoders.values())} | " + " | ".join(within) + " |"]
     return lines
 
 
