@@ -264,6 +264,41 @@ def _interleave_classes(cases: list[str], strata: dict[str, int]) -> list[str]:
     return out + [case for case in cases if case not in strata]
 
 
+#: the pseudo Dice (nnU-Net's per-epoch Dice on validation patches) at which a label counts as learned
+LEARNED_AT = 0.5
+
+
+def foreground_names(labels: dict[str, int | list[int]]) -> list[str]:
+    """dataset.json's foreground label (or region) names in the order nnU-Net logs their pseudo Dice: labels by
+    value, regions in dataset.json order."""
+    fg = [(name, v) for name, v in labels.items() if v not in (0, [0], (0,))]
+    if all(isinstance(v, int) for _, v in fg):
+        fg.sort(key=lambda item: item[1])
+    return [name for name, _ in fg]
+
+
+def training_curve(checkpoint: str, label_names: list[str]) -> dict | None:
+    """Per-epoch training loss and pseudo Dice per label from a fine-tuning run's nnU-Net checkpoint (its
+    ``logging``), or None when the checkpoint has no such log. Why: with few labels a small label is learned at a
+    random epoch or not at all, so the final Dice is nearly all-or-nothing; the epoch a label is first learned is the
+    finer measure of whether pretrained weights speed fine-tuning up."""
+    import torch
+
+    log = torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging") or {}
+    dice, losses = log.get("dice_per_class_or_region"), log.get("train_losses")
+    if not dice or not losses or any(len(d) != len(label_names) for d in dice):
+        return None
+    return {"labels": list(label_names), "train_loss": [round(float(v), 4) for v in losses],
+            "pseudo_dice": [[None if v != v else round(float(v), 4) for v in d] for d in dice]}
+
+
+def first_learned_epoch(curve: dict, label: str, threshold: float = LEARNED_AT) -> int | None:
+    """The first epoch (1-based) whose pseudo Dice of ``label`` reached ``threshold``; None if none did."""
+    i = curve["labels"].index(label)
+    return next((e for e, d in enumerate(curve["pseudo_dice"], start=1) if d[i] is not None and d[i] >= threshold),
+                None)
+
+
 def zero_series_copy(images_dir: str, out_dir: str, cases: list[str], channel: int | None, file_ending: str) -> None:
     """Copy the cases' images, replacing channel ``channel`` by an all-zero image with the same geometry."""
     import SimpleITK as sitk
@@ -377,6 +412,10 @@ class Context:
             record = join(os.path.dirname(ckpt), "csm_experiment_steps.json")
             res["pretrain_steps"] = json.load(open(record))["steps"] if isfile(record) else None
             res["pretrained_checkpoint"] = os.path.relpath(ckpt, self.out)
+        if self.args.study == "seg":
+            curve = training_curve(join(fold_dir, "checkpoint_final.pth"), foreground_names(self.ds["labels"]))
+            if curve is not None:
+                res["training"] = curve
         return results, res
 
     def missing_inputs(self) -> dict[str, str]:
@@ -770,6 +809,7 @@ def markdown(summary: dict) -> str:
     scores = {arm: r["dice"]["complete"] for arm, r in arms.items()}
     lines += repeat_table(scores, cols)
     lines += encoder_table(arms, scores, cols)
+    lines += learning_table(arms)
     missing = [k for k in next(iter(arms.values()))["dice"] if k != "complete"]
     if missing:
         key = next((c for c in ("whole tumour", "gland+lesion") if c in cols), cols[0])
@@ -888,6 +928,31 @@ def encoder_table(arms: dict[str, dict], scores: dict[str, dict[str, float | Non
             within.append(f"{np.sqrt(ss / dof):.3f}" if dof else "n/a")
         lines += [f"| {arm} | between | {len(encoders)} | " + " | ".join(between) + " |",
                   f"| {arm} | within | {sum(len(runs) for runs in encoders.values())} | " + " | ".join(within) + " |"]
+    return lines
+
+
+def learning_table(arms: dict[str, dict]) -> list[str]:
+    """Markdown lines: per arm (repeats pooled) and label, how many runs learned the label (pseudo Dice reached
+    ``LEARNED_AT`` in some epoch) and the epoch by which half of the runs had (``>E`` when fewer than half did in
+    their E epochs). That "half-way epoch" stays defined when some runs never learn a label, where a mean of first
+    epochs would not. Empty when no arm has a training curve."""
+    curves = {arm: r["training"] for arm, r in arms.items() if r.get("training")}
+    if not curves:
+        return []
+    labels = next(iter(curves.values()))["labels"]
+    lines = ["", f"When each label was first learned (pseudo Dice >= {LEARNED_AT} in an epoch's validation): runs that "
+             "learned it / runs, and the epoch by which half of the runs had:", "",
+             "| arm | n | epochs | " + " | ".join(labels) + " |", "|---|---|---|" + "---|" * len(labels)]
+    for arm, runs in _group_repeats(curves).items():
+        epochs = sorted({len(c["pseudo_dice"]) for c in runs})
+        cells = []
+        for label in labels:
+            firsts = [first_learned_epoch(c, label) for c in runs]
+            learned = sorted(f for f in firsts if f is not None)
+            half = -(-len(runs) // 2)  # runs that make "half"
+            when = str(learned[half - 1]) if len(learned) >= half else f">{min(epochs)}"
+            cells.append(f"{len(learned)}/{len(runs)}, {when}")
+        lines.append(f"| {arm} | {len(runs)} | {'/'.join(map(str, epochs))} | " + " | ".join(cells) + " |")
     return lines
 
 

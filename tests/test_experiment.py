@@ -183,6 +183,38 @@ def test_repeat_table_mean_and_sd():
     assert repeat_table({"scratch": {"wt": 0.9}, "csm": {"wt": 0.7}}, ["wt"]) == []
 
 
+def test_training_curve_reads_nnunet_logging_and_learning_table_counts_never_learned_runs(tmp_path):
+    import torch
+
+    from csm_nnunet.experiment import first_learned_epoch, foreground_names, learning_table, training_curve
+
+    names = foreground_names({"background": 0, "necrosis": 3, "edema": 1, "enhancing": 2})
+    assert names == ["edema", "enhancing", "necrosis"]  # nnU-Net logs foreground labels by value
+    assert foreground_names({"background": 0, "whole": [1, 2], "core": [2]}) == ["whole", "core"]  # regions: as given
+    # nnU-Net's logger stores numpy floats and NaN for a label absent from the epoch's validation patches
+    f = np.float32
+    logging = {"train_losses": [f(0.9), f(-0.2), f(-0.4)],
+               "dice_per_class_or_region": [[f(0.3), f("nan"), f(0.0)], [f(0.6), f(0.1), f(0.0)],
+                                            [f(0.7), f(0.55), f(0.2)]]}
+    torch.save({"network_weights": {}, "logging": logging}, tmp_path / "checkpoint_final.pth")
+    curve = training_curve(str(tmp_path / "checkpoint_final.pth"), names)
+    assert curve["pseudo_dice"][0][1] is None and curve["train_loss"] == [0.9, -0.2, -0.4]
+    assert [first_learned_epoch(curve, n) for n in names] == [2, 3, None]
+    # a log whose width does not match the labels is not a curve of this dataset
+    assert training_curve(str(tmp_path / "checkpoint_final.pth"), names[:2]) is None
+
+    def run(first):  # one label, learned at epoch ``first`` (None: never) of 10
+        return {"training": {"labels": ["core"], "pseudo_dice": [[0.6 if first is not None and e >= first else 0.0]
+                                                                 for e in range(1, 11)]}}
+    arms = {"csm": run(4), "csm@2": run(None), "csm@3": run(7),
+            "scratch": run(2), "scratch@2": run(None), "scratch@3": run(None), "nnunet": {}}
+    lines = learning_table(arms)
+    # half of 3 runs is 2: csm's second-earliest learner took epoch 7; scratch has one learner, so ">10"
+    assert "| csm | 3 | 10 | 2/3, 7 |" in lines and "| scratch | 3 | 10 | 1/3, >10 |" in lines
+    assert not any(line.startswith("| nnunet") for line in lines)
+    assert learning_table({"nnunet": {}}) == []
+
+
 def test_plot_scores_writes_a_png_from_a_results_summary(tmp_path):
     from csm_nnunet.experiment import plot_scores, summary_scores
 
