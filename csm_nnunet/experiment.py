@@ -270,8 +270,8 @@ LEARNED_AT = 0.5
 
 def foreground_names(labels: dict[str, int | list[int]]) -> list[str]:
     """dataset.json's foreground label (or region) names in the order nnU-Net logs their pseudo Dice: labels by
-    value, regions in dataset.json order."""
-    fg = [(name, v) for name, v in labels.items() if v not in (0, [0], (0,))]
+    value, regions in dataset.json order; like nnU-Net's ``LabelManager``, the ``ignore`` label is not one of them."""
+    fg = [(name, v) for name, v in labels.items() if name != "ignore" and v not in (0, [0], (0,))]
     if all(isinstance(v, int) for _, v in fg):
         fg.sort(key=lambda item: item[1])
     return [name for name, _ in fg]
@@ -284,7 +284,8 @@ def training_curve(checkpoint: str, label_names: list[str]) -> dict | None:
     finer measure of whether pretrained weights speed fine-tuning up."""
     import torch
 
-    log = torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging") or {}
+    # mmap: only the pickled log is read, not the weights and optimizer state beside it (every --resume rereads it)
+    log = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("logging") or {}
     dice, losses = log.get("dice_per_class_or_region"), log.get("train_losses")
     if not dice or not losses or any(len(d) != len(label_names) for d in dice):
         return None

@@ -190,6 +190,7 @@ def test_training_curve_reads_nnunet_logging_and_learning_table_counts_never_lea
 
     names = foreground_names({"background": 0, "necrosis": 3, "edema": 1, "enhancing": 2})
     assert names == ["edema", "enhancing", "necrosis"]  # nnU-Net logs foreground labels by value
+    assert foreground_names({"background": 0, "lesion": 1, "ignore": 2}) == ["lesion"]  # nnU-Net logs no ignore
     assert foreground_names({"background": 0, "whole": [1, 2], "core": [2]}) == ["whole", "core"]  # regions: as given
     # nnU-Net's logger stores numpy floats and NaN for a label absent from the epoch's validation patches
     f = np.float32
