@@ -11,6 +11,8 @@ arms:
 * ``mae``      ``CSMSegTrainer_FusedTokens`` from a ``MAEPretrainer`` encoder (channel-fused pretraining);
 * ``scratch-instnorm`` / ``csm-instnorm``  ``CSMSegTrainer_InstanceNormFusion`` (taps standardised per channel over the
   patch positions instead of LayerNorm-ed per token) from scratch and from a ``CSMPretrainer`` encoder;
+* ``scratch-nodrop`` / ``csm-nodrop``  ``CSMSegTrainer_NoSeriesDropout`` (no random series dropout) from scratch and
+  from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
   ``CSM_PRESET=PrimusS`` CSM encoder folded in by ``csm_nnunet export-primus``.
 
@@ -61,6 +63,8 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-layerdecay": ("CSMSegTrainer_LayerDecay", "CSMPretrainer", None),
     "scratch-instnorm": ("CSMSegTrainer_InstanceNormFusion", None, None),
     "csm-instnorm": ("CSMSegTrainer_InstanceNormFusion", "CSMPretrainer", None),
+    "scratch-nodrop": ("CSMSegTrainer_NoSeriesDropout", None, None),
+    "csm-nodrop": ("CSMSegTrainer_NoSeriesDropout", "CSMPretrainer", None),
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),
     "primus-csm": ("nnUNet_Primus_S_Trainer_CSMBudget", "CSMPretrainer", "PrimusS"),
 }

@@ -27,6 +27,7 @@ from csm_nnunet.trainers.csm_seg_variants import (
     CSMSegTrainer_FusedTokens,
     CSMSegTrainer_InstanceNormFusion,
     CSMSegTrainer_LayerDecay,
+    CSMSegTrainer_NoSeriesDropout,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "CSMSegTrainer_FusedTokens",
     "CSMSegTrainer_InstanceNormFusion",
     "CSMSegTrainer_LayerDecay",
+    "CSMSegTrainer_NoSeriesDropout",
     "MAEPretrainer",
     "nnUNetTrainer_CSMBudget",
     "nnUNet_Primus_B_Trainer_CSMBudget",

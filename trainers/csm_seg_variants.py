@@ -34,3 +34,11 @@ class CSMSegTrainer_InstanceNormFusion(CSMSegTrainer):
     probes")."""
 
     fusion_norm = "instance"
+
+
+class CSMSegTrainer_NoSeriesDropout(CSMSegTrainer):
+    """No random series dropout in fine-tuning (default: 20 % of cases lose 1..s-1 series). Dropout buys robustness
+    to missing series at inference; on complete data it also shows the network labels whose evidence was removed
+    (the synthetic enhancing rim is defined by T1ce - T1), which this variant measures the cost of."""
+
+    series_dropout = 0.0
