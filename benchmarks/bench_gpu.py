@@ -58,7 +58,7 @@ import bench_pretrain as bp  # noqa: E402  (machine description, median/summary,
 from csm_nnunet.fileio import write_json_atomically  # noqa: E402
 
 # most wanted first: a run cut short by its time limit still returns the sections it finished
-SECTIONS = ("peak", "pretrain", "sdpa", "unet", "monai", "sparse-dense", "profile")
+SECTIONS = ("peak", "pretrain", "sdpa", "unet", "monai", "sparse-dense", "profile", "seg-infer")
 SERIES = bp.SERIES
 MASK_RATIO = bp.MASK_RATIO
 # NVIDIA data sheets, SXM parts, dense (no 2:4 sparsity) bf16 tensor-core peak in FLOP/s; the H200 has the H100's
@@ -407,10 +407,22 @@ def bench_profile(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     return {"rows": rows}
 
 
-def bench_unet(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
-    """Training step and inference forward of nnU-Net's default U-Net vs CSMSegTrainer's network, bf16."""
+def build_unet(s: Setting, num_classes: int) -> torch.nn.Module:
+    """nnU-Net's default 3d_fullres ``PlainConvUNet`` for this plan (:data:`UNET_ARCH`), deep supervision on."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
+    bp.seed_everything(0)
+    arch = dict(UNET_ARCH)
+    if s.smoke:
+        arch.update(n_stages=3, features_per_stage=[8, 16, 32], kernel_sizes=[[3, 3, 3]] * 3,
+                    strides=[[1, 1, 1]] + [[2, 2, 2]] * 2, n_conv_per_stage=[2] * 3, n_conv_per_stage_decoder=[2] * 2)
+    return PlainConvUNet(len(SERIES), num_classes=num_classes, conv_op=torch.nn.Conv3d,
+                         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True, **arch)
+
+
+def bench_unet(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
+    """Training step and inference forward of nnU-Net's default U-Net vs CSMSegTrainer's network, bf16."""
     from csm_nnunet.optim import adamw
     from csm_nnunet.segmentation import CSMSegmentationNetwork
 
@@ -421,15 +433,7 @@ def bench_unet(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     def build(kind: str) -> torch.nn.Module:
         bp.seed_everything(0)
         if kind == "nnunet":
-            arch = dict(UNET_ARCH)
-            if s.smoke:
-                arch.update(n_stages=3, features_per_stage=[8, 16, 32], kernel_sizes=[[3, 3, 3]] * 3,
-                            strides=[[1, 1, 1]] + [[2, 2, 2]] * 2, n_conv_per_stage=[2] * 3,
-                            n_conv_per_stage_decoder=[2] * 2)
-            return PlainConvUNet(len(SERIES), num_classes=num_classes, conv_op=torch.nn.Conv3d,
-                                 norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                                 nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-                                 deep_supervision=True, **arch)
+            return build_unet(s, num_classes)
         return CSMSegmentationNetwork(len(SERIES), num_classes, s.patch, preset=preset, deep_supervision=True,
                                       series_names=SERIES)
 
@@ -504,6 +508,90 @@ def bench_unet(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     return out
 
 
+def gpu_busy(call: Callable[[], Any], s: Setting, steps: int = 10) -> dict[str, Any]:
+    """Profiler's kernel time and launches per call against the call's wall time: a busy share well below 1 means
+    the GPU waits for the host to issue kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    sync(s.device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        sync(s.device)
+    wall = (time.perf_counter() - t0) / steps
+    ev = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / steps
+    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+    launches = {e.key: e.count / steps for e in ev if e.key in launch_keys}
+    return {"wall_ms_profiled": round(wall * 1e3, 2), "gpu_kernel_ms": round(kernel_us / 1e3, 2),
+            "gpu_busy_share": round(kernel_us / 1e6 / wall, 3), "launch_calls": launches}
+
+
+def seg_infer_row(s: Setting, unet: torch.nn.Module, csm: torch.nn.Module, unet_graphs: Any, amp: torch.dtype,
+                  batch: int) -> dict[str, Any]:
+    """One precision and window batch of :func:`bench_seg_infer`."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, len(SERIES), *s.patch, generator=g).to(s.device)
+    x_missing = x.clone()
+    x_missing[:, SERIES.index("FLAIR")] = 0.0
+    cuda = s.device.type == "cuda"
+    calls: dict[str, Callable[[], Any]] = {
+        "nnunet": lambda: unet(x),
+        "nnunet_graphed": lambda: unet_graphs.run(unet, x) if cuda else unet(x),
+        "csm_eager": lambda: csm.forward_eager(x),
+        "csm_eager_all_tokens": lambda: csm.forward_eager(x, compact=False),
+        "csm_graphed": lambda: csm(x),
+        "csm_eager_flair_missing": lambda: csm.forward_eager(x_missing),
+        "csm_graphed_flair_missing": lambda: csm(x_missing)}
+    row: dict[str, Any] = {"precision": str(amp).replace("torch.", ""), "batch": batch}
+    with torch.inference_mode(), torch.autocast(s.device.type, dtype=amp):
+        for name, call in calls.items():
+            reset_memory(s.device)
+            times = time_steps(lambda i, c=call: c(), s)
+            row[name] = {"ms": round(bp.median(times) * 1e3, 2), "peak_memory_gb": peak_memory_gb(s.device)}
+        for label, inp in (("complete", x), ("flair_missing", x_missing)):
+            eager, graphed = csm.forward_eager(inp).float(), csm(inp).float()
+            row[f"graphed_vs_eager_{label}"] = {
+                "max_abs_logit_diff": float((eager - graphed).abs().max()), "logit_scale": float(eager.abs().max()),
+                "argmax_agreement": float((eager.argmax(1) == graphed.argmax(1)).float().mean())}
+        if cuda and batch == 1:
+            for name in ("csm_eager", "nnunet", "csm_graphed"):
+                row[f"profile_{name}"] = gpu_busy(calls[name], s)
+    row["csm_graphed_over_nnunet"] = round(row["csm_graphed"]["ms"] / row["nnunet"]["ms"], 2)
+    row["csm_eager_over_nnunet"] = round(row["csm_eager"]["ms"] / row["nnunet"]["ms"], 2)
+    row["csm_graphed_over_nnunet_graphed"] = round(row["csm_graphed"]["ms"] / row["nnunet_graphed"]["ms"], 2)
+    log(f"seg-infer {row['precision']} b{batch}: nnunet {row['nnunet']['ms']} ms, csm eager "
+        f"{row['csm_eager']['ms']} ms, csm graphed {row['csm_graphed']['ms']} ms "
+        f"({row['csm_graphed_over_nnunet']}x), diff {row['graphed_vs_eager_complete']}")
+    return row
+
+
+def bench_seg_infer(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
+    """One sliding window as nnU-Net's predictor runs it (``torch.inference_mode``, fp16 autocast by default, one
+    window per call): nnU-Net's U-Net vs ``CSMSegTrainer``'s network, eager (the compact route, as before CUDA
+    graphs) and graph-replayed (``csm_nnunet/cuda_graphs.py``), batch 1 and 2, fp16 and bf16; a window with one series
+    missing; how far the graphed logits are from the eager ones; and the GPU's busy share per window (profiler
+    kernel time over wall time), which says whether a window waits on the host. The U-Net is also timed graph-replayed
+    by the same cache, so the comparison is not one-sided."""
+    from csm_nnunet.cuda_graphs import CudaGraphCache
+    from csm_nnunet.segmentation import CSMSegmentationNetwork
+
+    num_classes, preset = 4, s.presets[0]
+    torch.backends.cudnn.benchmark = True  # as nnU-Net's predictor sets it
+    unet = build_unet(s, num_classes).to(s.device).eval()
+    unet.decoder.deep_supervision = False
+    bp.seed_everything(0)
+    csm = CSMSegmentationNetwork(len(SERIES), num_classes, s.patch, preset=preset, series_names=SERIES)
+    csm = csm.to(s.device).eval()
+    unet_graphs = CudaGraphCache()
+    rows = [guarded(lambda a=amp, b=batch: seg_infer_row(s, unet, csm, unet_graphs, a, b), f"{amp} b{batch}")
+            for amp in (torch.float16, torch.bfloat16) for batch in (1, 2)]
+    return {"preset": preset, "patch_size": list(s.patch), "num_classes": num_classes, "nnunet_arch": UNET_ARCH,
+            "csm_graph_cache_disabled": csm._graphs.disabled, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def gpu_info(s: Setting) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(s.device)}
@@ -556,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     fns: dict[str, Callable[[], dict[str, Any]]] = {
         "pretrain": lambda: bench_pretrain(s, peaks), "sdpa": lambda: bench_sdpa(s, peaks),
         "sparse-dense": lambda: bench_sparse_dense(s, peaks), "monai": lambda: bench_monai(s, peaks),
-        "unet": lambda: bench_unet(s, peaks), "profile": lambda: bench_profile(s, peaks)}
+        "unet": lambda: bench_unet(s, peaks), "profile": lambda: bench_profile(s, peaks),
+        "seg-infer": lambda: bench_seg_infer(s, peaks)}
     for section in args.only:
         ts = time.perf_counter()
         log(f"section {section}")

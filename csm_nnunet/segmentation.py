@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from csm_nnunet.cuda_graphs import CudaGraphCache
 from csm_nnunet.network import (
     ViTPreset,
     _build_eva,
@@ -332,14 +333,20 @@ class SeriesTokenEncoder(nn.Module):
         return x, present, groups
 
     # ---------------------------------------------------------------- forward
-    def forward_encoder(self, x: torch.Tensor, present: torch.Tensor, tap_depths: Sequence[int]
-                        ) -> list[torch.Tensor]:
+    def forward_encoder(self, x: torch.Tensor, present: torch.Tensor, tap_depths: Sequence[int],
+                        compact: bool = True) -> list[torch.Tensor]:
         """Encode every patch of every present series of ``x [B, S, X, Y, Z]`` (absent channels already zeroed).
 
         Returns the hidden states after the blocks counted in ``tap_depths`` (the last block's after ``eva.norm``),
         each scattered back to ``[B, G, N, D]`` with zeros at absent series (``G = S``; ``G = 1`` with fused
         tokens, ``present [B, 1]``). Cases with fewer present series are padded to the longest token sequence ``L``
         and the padding is hidden from attention, so a case's result does not depend on the rest of the batch.
+
+        ``compact=False`` gives the same result for the present tokens (to rounding) by another route: all ``G*N``
+        tokens go through the transformer and the absent ones are only hidden from attention (as keys; their own
+        outputs are discarded). Absent tokens then cost compute, but every shape is fixed by the input's shape and
+        nothing waits on the GPU (the compact route reads the token count back to size its gather), which is what
+        a captured CUDA graph needs (:meth:`CSMSegmentationNetwork.forward`).
         """
         B, S = x.shape[0], self.num_groups
         N, D = self.num_patches, self.preset.embed_dim
@@ -349,6 +356,8 @@ class SeriesTokenEncoder(nn.Module):
         emb = emb + self.eva.pos_embed[0][None, None] + self.series_embed[None, :, None]
         emb = emb.reshape(B, S * N, D)
         keep = present[:, :, None].expand(B, S, N).reshape(B, S * N)
+        if not compact:
+            return self._encode_all_tokens(emb, keep, tap_depths)
         token_ids, valid = gather_kept(keep)  # kept tokens first, in (series, patch) order
         L = token_ids.shape[1]
         h = emb.gather(1, token_ids[..., None].expand(B, L, D))
@@ -363,6 +372,26 @@ class SeriesTokenEncoder(nn.Module):
                 out = self.eva.norm(h) if depth == self.preset.depth else h
                 full = out.new_zeros(B, S * N + 1, D).scatter(1, dest, out)[:, : S * N]
                 taps.append(full.reshape(B, S, N, D))
+        return taps
+
+    def _encode_all_tokens(self, emb: torch.Tensor, keep: torch.Tensor, tap_depths: Sequence[int]
+                           ) -> list[torch.Tensor]:
+        """The ``compact=False`` route of :meth:`forward_encoder`: ``emb [B, G*N, D]`` all tokens, ``keep
+        [B, G*N]``; absent tokens are masked out of attention as keys and zeroed in the taps."""
+        B, T, D = emb.shape
+        N = self.num_patches
+        patch_index = torch.arange(T, device=emb.device) % N
+        rope = rope_for(self.eva, patch_index[None].expand(B, T))
+        # additive mask, always given (whether anything is absent is not known without reading it back)
+        attn_mask = torch.zeros(keep.shape, dtype=emb.dtype, device=emb.device).masked_fill(~keep, float("-inf"))
+        attn_mask = attn_mask[:, None, None, :]
+        h, taps = emb, []
+        for depth, blk in enumerate(self.eva.blocks, start=1):
+            h = blk(h, rope=rope, attn_mask=attn_mask)
+            if depth in tap_depths:
+                out = self.eva.norm(h) if depth == self.preset.depth else h
+                out = torch.where(keep[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+                taps.append(out.reshape(B, T // N, N, D))
         return taps
 
 
@@ -420,6 +449,21 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         # the image branch sees the (absent-zeroed) series plus one presence indicator channel per series
         self.decoder = UNETRDecoder(D, 2 * S, self.num_classes, self.num_levels,
                                     base_channels or self.preset.seg_channels, deep_supervision)
+        self._graphs = CudaGraphCache()
+
+    #: replay CUDA graphs in eval forwards on a GPU (see :meth:`forward`); set False on an instance or subclass
+    #: to run eagerly (the outputs are the same to floating-point rounding)
+    cuda_graphs: bool = True
+
+    def train(self, mode: bool = True) -> CSMSegmentationNetwork:
+        if mode and hasattr(self, "_graphs"):  # free the graphs' activation memory for training
+            self._graphs.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda()/.half() may move parameters the graphs read
+        if hasattr(self, "_graphs"):
+            self._graphs.clear()
+        return super()._apply(fn, recurse)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -436,11 +480,25 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
         return [[0.5 ** i] * 3 for i in range(self.num_levels)]
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
-        """``x [B, S, X, Y, Z]``, ``present [B, S]`` bool (default all True) -> logits ``[B, K, X, Y, Z]``, or with
-        deep supervision a list of logits at full, 1/2, 1/4, ... resolution. Absent series' voxels are ignored
-        (zeroed before any use), so they may hold anything."""
+        """``x [B, S, X, Y, Z]``, ``present [B, S]`` bool (default: inferred from the input, see
+        :func:`infer_present`) -> logits ``[B, K, X, Y, Z]``, or with deep supervision a list of logits at full,
+        1/2, 1/4, ... resolution. Absent series' voxels are ignored (zeroed before any use), so they may hold
+        anything.
+
+        On a CUDA device, in eval mode and without autograd (nnU-Net's predictor and its validation steps), the
+        forward pass is captured once per input shape and autocast setting as a CUDA graph and replayed
+        (:attr:`cuda_graphs`; see :class:`CudaGraphCache` for why and what it costs)."""
+        if present is None and self.cuda_graphs and self._graphs.usable(x, self.training):
+            return self._graphs.run(lambda t: self.forward_eager(t, None, compact=False), x,
+                                    key=(self.deep_supervision,))
+        return self.forward_eager(x, present)
+
+    def forward_eager(self, x: torch.Tensor, present: torch.Tensor | None = None, compact: bool = True
+                      ) -> torch.Tensor | list[torch.Tensor]:
+        """:meth:`forward` without CUDA graphs. ``compact``: see :meth:`forward_encoder` (the graphs use
+        ``compact=False``)."""
         x, present, groups = self._prepare_inputs(x, present)
-        taps = self.forward_encoder(x, groups, self.tap_depths)
+        taps = self.forward_encoder(x, groups, self.tap_depths, compact=compact)
         B = x.shape[0]
         maps = [fuse(tap, groups).transpose(1, 2).reshape(B, -1, *self.grid)
                 for fuse, tap in zip(self.fusions, taps)]
