@@ -72,7 +72,10 @@ params = sum(p.numel() for p in net.parameters())
 predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring == "1",
                             perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                             allow_tqdm=False)
-predictor.manual_initialization(net, pm, cm, None, dataset_json, trainer_name, None)
+# mirroring needs the axes (the trainer's inference_allowed_mirroring_axes; all three for 3D): without them the
+# predictor silently skips it
+predictor.manual_initialization(net, pm, cm, None, dataset_json, trainer_name,
+                                (0, 1, 2) if mirroring == "1" else None)
 g = torch.Generator().manual_seed(1)
 data = torch.randn(num_in, int(size), int(size), int(size), generator=g)
 times = []

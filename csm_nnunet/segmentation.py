@@ -23,6 +23,7 @@ Data flow for ``x [B, S, X, Y, Z]`` on a ``g = (gx, gy, gz)`` token grid (``N = 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -460,10 +461,19 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
             self._graphs.clear()
         return super().train(mode)
 
-    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda()/.half() may move parameters the graphs read
-        if hasattr(self, "_graphs"):
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``/``.cuda()``/``.half()``: drop the graphs if a parameter or buffer moved (the graphs read them by
+        address). A move to where they already are keeps them: nnU-Net's predictor calls ``network.to(device)``
+        before every case, and re-capturing per case cost about as much as the case itself."""
+        before = self._tensor_addresses()
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_graphs") and self._tensor_addresses() != before:
             self._graphs.clear()
-        return super()._apply(fn, recurse)
+        return out
+
+    def _tensor_addresses(self) -> tuple[tuple[str, int, torch.dtype], ...]:
+        return tuple((str(t.device), t.data_ptr(), t.dtype)
+                     for t in itertools.chain(self.parameters(), self.buffers()))
 
     # ---------------------------------------------------------------- helpers
     @property

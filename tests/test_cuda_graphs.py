@@ -70,10 +70,12 @@ def test_graphs_are_dropped_when_the_network_trains_or_moves_and_never_copied():
     assert len(net._graphs) == 1  # eval keeps them (nnU-Net's predictor calls eval() once)
     assert len(copy.deepcopy(net)._graphs) == 0
     assert len(pickle.loads(pickle.dumps(net))._graphs) == 0
+    net.to("cpu")  # nnU-Net's predictor moves the network to its device before every case: nothing moves
+    assert len(net._graphs) == 1
     net.train()
     assert len(net._graphs) == 0
     net._graphs._entries["fake"] = (torch.zeros(1), None, torch.zeros(1))
-    net.to(torch.float64)
+    net.to(torch.float64)  # the parameters move: the graphs would read freed memory
     assert len(net._graphs) == 0
 
 
@@ -92,9 +94,12 @@ def test_graph_replay_equals_eager_on_cuda(amp):
             eager = net.forward_eager(x)
             assert torch.allclose(graphed.float(), eager.float(), atol=3e-2, rtol=3e-2)
         assert len(net._graphs) == 1 and not net._graphs.disabled
+        reference = net(xs[0])
         first = net(xs[0])
-        first += 1.0  # nnU-Net's predictor accumulates into the returned tensor
-        assert torch.allclose(net(xs[0]).float(), first.float() - 1.0, atol=1e-2)
+        first += 100.0  # nnU-Net's predictor accumulates into the returned tensor: it must be a copy
+        assert float((net(xs[0]).float() - reference.float()).abs().max()) < 1.0
+        net.to("cuda")  # as the predictor does before every case: the graph stays
+        assert len(net._graphs) == 1
         net.deep_supervision = True
         outs = net(xs[1])
         assert isinstance(outs, list) and len(outs) == net.num_levels and len(net._graphs) == 2
