@@ -21,6 +21,7 @@ parameters (optimiser steps and ``load_state_dict`` update them in place).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -30,6 +31,22 @@ import torch
 
 Output = torch.Tensor | list[torch.Tensor]
 
+#: environment switch, read when a network is built: ``CSM_CUDA_GRAPHS=0`` runs every forward eagerly (for
+#: debugging, or a GPU setup where capture misbehaves) without changing code or checkpoints
+ENV_VAR = "CSM_CUDA_GRAPHS"
+
+
+def graphs_allowed(environ: dict[str, str] | None = None) -> bool:
+    """Whether ``CSM_CUDA_GRAPHS`` allows CUDA graphs (unset or empty: yes). A value that is neither on nor off
+    raises, naming the variable and the values it takes."""
+    raw = (os.environ if environ is None else environ).get(ENV_VAR, "").strip().lower()
+    if raw in ("", "1", "true", "t", "yes", "on"):
+        return True
+    if raw in ("0", "false", "f", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {ENV_VAR}={raw!r} must be 1 (CUDA graphs in GPU inference, the default) "
+                     f"or 0 (eager); unset it or give {ENV_VAR}=0")
+
 
 class CudaGraphCache:
     """Captured CUDA graphs of one network's eval forward, keyed by input shape/dtype/device, the autocast and
@@ -37,12 +54,13 @@ class CudaGraphCache:
 
     ``forward(x)`` is the graph-safe forward to capture; it must not read data back to the host. At most
     ``max_graphs`` graphs are kept (oldest evicted). If capturing fails (an operation that cannot be captured), the
-    cache warns once, turns itself off and the caller's eager forward is used from then on.
+    cache warns once, turns itself off and the caller's eager forward is used from then on. ``CSM_CUDA_GRAPHS=0``
+    turns it off from the start (:func:`graphs_allowed`).
     """
 
     def __init__(self, max_graphs: int = 2):
         self.max_graphs = int(max_graphs)
-        self.disabled = False
+        self.disabled = not graphs_allowed()
         self._entries: OrderedDict[Hashable, tuple[torch.Tensor, torch.cuda.CUDAGraph, Output]] = OrderedDict()
 
     # a module holding the cache may be deep-copied or pickled (checkpoint helpers, DDP): graphs do not travel

@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 
+from csm_nnunet.cuda_graphs import graphs_allowed
 from csm_nnunet.segmentation import CSMSegmentationNetwork
 
 PATCH = (32, 48, 32)
@@ -77,6 +78,15 @@ def test_graphs_are_dropped_when_the_network_trains_or_moves_and_never_copied():
     net._graphs._entries["fake"] = (torch.zeros(1), None, torch.zeros(1))
     net.to(torch.float64)  # the parameters move: the graphs would read freed memory
     assert len(net._graphs) == 0
+
+
+def test_environment_switch_turns_graphs_off_and_names_a_bad_value(monkeypatch):
+    assert graphs_allowed({}) and graphs_allowed({"CSM_CUDA_GRAPHS": "1"})
+    assert not graphs_allowed({"CSM_CUDA_GRAPHS": "0"}) and not graphs_allowed({"CSM_CUDA_GRAPHS": "off"})
+    with pytest.raises(ValueError, match="CSM_CUDA_GRAPHS='maybe' must be 1 .* or 0"):
+        graphs_allowed({"CSM_CUDA_GRAPHS": "maybe"})
+    monkeypatch.setenv("CSM_CUDA_GRAPHS", "0")
+    assert make()._graphs.disabled  # read when the network is built (nnUNetv2_predict builds it per process)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
