@@ -13,6 +13,8 @@ arms:
   patch positions instead of LayerNorm-ed per token) from scratch and from a ``CSMPretrainer`` encoder;
 * ``scratch-nodrop`` / ``csm-nodrop``  ``CSMSegTrainer_NoSeriesDropout`` (no random series dropout) from scratch and
   from a ``CSMPretrainer`` encoder;
+* ``scratch-drop10`` / ``csm-drop10``  ``CSMSegTrainer_SeriesDropout10`` (series dropout on 10 % of cases instead of
+  20 %) from scratch and from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
   ``CSM_PRESET=PrimusS`` CSM encoder folded in by ``csm_nnunet export-primus``.
 
@@ -65,6 +67,8 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-instnorm": ("CSMSegTrainer_InstanceNormFusion", "CSMPretrainer", None),
     "scratch-nodrop": ("CSMSegTrainer_NoSeriesDropout", None, None),
     "csm-nodrop": ("CSMSegTrainer_NoSeriesDropout", "CSMPretrainer", None),
+    "scratch-drop10": ("CSMSegTrainer_SeriesDropout10", None, None),
+    "csm-drop10": ("CSMSegTrainer_SeriesDropout10", "CSMPretrainer", None),
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),
     "primus-csm": ("nnUNet_Primus_S_Trainer_CSMBudget", "CSMPretrainer", "PrimusS"),
 }

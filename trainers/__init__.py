@@ -28,6 +28,7 @@ from csm_nnunet.trainers.csm_seg_variants import (
     CSMSegTrainer_InstanceNormFusion,
     CSMSegTrainer_LayerDecay,
     CSMSegTrainer_NoSeriesDropout,
+    CSMSegTrainer_SeriesDropout10,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "CSMSegTrainer_InstanceNormFusion",
     "CSMSegTrainer_LayerDecay",
     "CSMSegTrainer_NoSeriesDropout",
+    "CSMSegTrainer_SeriesDropout10",
     "MAEPretrainer",
     "nnUNetTrainer_CSMBudget",
     "nnUNet_Primus_B_Trainer_CSMBudget",
