@@ -98,10 +98,11 @@ def sincos_pos_embed_3d(grid: Sequence[int], dim: int) -> torch.Tensor:
     return out
 
 
-def _padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def _padding_mask(valid: torch.Tensor, dtype: torch.dtype, always: bool = False) -> torch.Tensor | None:
     """Additive attention mask ``[B, 1, 1, L]`` hiding padded keys; ``None`` when nothing is padded, so SDPA can
-    use its fastest (flash) kernel."""
-    if bool(valid.all()):
+    use its fastest (flash) kernel. ``always``: build the mask without looking (that check waits on the GPU, which a
+    CUDA graph capture cannot)."""
+    if not always and bool(valid.all()):
         return None
     mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     return mask.masked_fill(~valid, float("-inf"))[:, None, None, :]

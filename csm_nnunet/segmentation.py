@@ -357,14 +357,15 @@ class SeriesTokenEncoder(nn.Module):
         emb = emb + self.eva.pos_embed[0][None, None] + self.series_embed[None, :, None]
         emb = emb.reshape(B, S * N, D)
         keep = present[:, :, None].expand(B, S, N).reshape(B, S * N)
-        if not compact:
-            return self._encode_all_tokens(emb, keep, tap_depths)
-        token_ids, valid = gather_kept(keep)  # kept tokens first, in (series, patch) order
+        if compact:
+            token_ids, valid = gather_kept(keep)  # kept tokens first, in (series, patch) order
+        else:  # every token in place; absent ones stay "invalid": hidden as keys, their outputs dropped
+            token_ids, valid = torch.arange(S * N, device=x.device).expand(B, S * N), keep
         L = token_ids.shape[1]
         h = emb.gather(1, token_ids[..., None].expand(B, L, D))
         rope = rope_for(self.eva, token_ids % N)
-        attn_mask = _padding_mask(valid, h.dtype)
-        # padded slots scatter into a spare last slot that is dropped
+        attn_mask = _padding_mask(valid, h.dtype, always=not compact)
+        # padded (or absent) slots scatter into a spare last slot that is dropped
         dest = torch.where(valid, token_ids, torch.full_like(token_ids, S * N))[..., None].expand(B, L, D)
         taps = []
         for depth, blk in enumerate(self.eva.blocks, start=1):
@@ -373,26 +374,6 @@ class SeriesTokenEncoder(nn.Module):
                 out = self.eva.norm(h) if depth == self.preset.depth else h
                 full = out.new_zeros(B, S * N + 1, D).scatter(1, dest, out)[:, : S * N]
                 taps.append(full.reshape(B, S, N, D))
-        return taps
-
-    def _encode_all_tokens(self, emb: torch.Tensor, keep: torch.Tensor, tap_depths: Sequence[int]
-                           ) -> list[torch.Tensor]:
-        """The ``compact=False`` route of :meth:`forward_encoder`: ``emb [B, G*N, D]`` all tokens, ``keep
-        [B, G*N]``; absent tokens are masked out of attention as keys and zeroed in the taps."""
-        B, T, D = emb.shape
-        N = self.num_patches
-        patch_index = torch.arange(T, device=emb.device) % N
-        rope = rope_for(self.eva, patch_index[None].expand(B, T))
-        # additive mask, always given (whether anything is absent is not known without reading it back)
-        attn_mask = torch.zeros(keep.shape, dtype=emb.dtype, device=emb.device).masked_fill(~keep, float("-inf"))
-        attn_mask = attn_mask[:, None, None, :]
-        h, taps = emb, []
-        for depth, blk in enumerate(self.eva.blocks, start=1):
-            h = blk(h, rope=rope, attn_mask=attn_mask)
-            if depth in tap_depths:
-                out = self.eva.norm(h) if depth == self.preset.depth else h
-                out = torch.where(keep[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-                taps.append(out.reshape(B, T // N, N, D))
         return taps
 
 
