@@ -363,29 +363,39 @@ def bench_monai(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     return out
 
 
+#: runtime calls that launch one kernel each (a replayed CUDA graph is one ``cudaGraphLaunch`` instead)
+LAUNCH_KEYS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def profile_calls(call: Callable[[int], Any], s: Setting, steps: int) -> tuple[float, Any, float]:
+    """Run ``call(i)`` for ``steps`` calls under ``torch.profiler`` (CPU, and CUDA on a GPU), ended by a device
+    sync. Returns wall seconds per call, the profiler's key averages, and GPU kernel microseconds per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            call(i)
+        sync(s.device)
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / steps
+    return wall, events, kernel_us
+
+
 def bench_profile(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
     """Where a bf16 pretraining step's wall time goes (``torch.profiler``, CPU and CUDA): the share of the wall time
     the GPU spends in kernels, kernels launched and host synchronisations per step, and the top host-side ops. A
     step that takes as long at batch 8 as at batch 2 is bound by the host, not the GPU; this says by what."""
-    from torch.profiler import ProfilerActivity, profile
-
     rows = []
     steps = 2 if s.smoke else 5
     for preset in s.presets:
         batch = max(s.batches)
         _, _, step, _ = pretrain_step(s, preset, batch, True)
         time_steps(step, s, timed=0)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
-        t0 = time.perf_counter()
-        with profile(activities=activities) as prof:
-            for i in range(steps):
-                step(i)
-            sync(s.device)
-        wall = (time.perf_counter() - t0) / steps
-        events = prof.key_averages()
-        kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / steps
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
-                                                           "cuLaunchKernelEx")) / steps
+        wall, events, kernel_us = profile_calls(step, s, steps)
+        launches = sum(e.count for e in events if e.key in LAUNCH_KEYS) / steps
         syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                          "cudaMemcpyAsync")) / steps
         top = sorted((e for e in events if e.device_type.name == "CPU" and not e.key.startswith("cuda")),
@@ -511,20 +521,10 @@ def bench_unet(s: Setting, peaks: dict[str, float]) -> dict[str, Any]:
 def gpu_busy(call: Callable[[], Any], s: Setting, steps: int = 10) -> dict[str, Any]:
     """Profiler's kernel time and launches per call against the call's wall time: a busy share well below 1 means
     the GPU waits for the host to issue kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     call()
     sync(s.device)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            call()
-        sync(s.device)
-    wall = (time.perf_counter() - t0) / steps
-    ev = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / steps
-    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
-    launches = {e.key: e.count / steps for e in ev if e.key in launch_keys}
+    wall, events, kernel_us = profile_calls(lambda i: call(), s, steps)
+    launches = {e.key: e.count / steps for e in events if e.key in (*LAUNCH_KEYS, "cudaGraphLaunch")}
     return {"wall_ms_profiled": round(wall * 1e3, 2), "gpu_kernel_ms": round(kernel_us / 1e3, 2),
             "gpu_busy_share": round(kernel_us / 1e6 / wall, 3), "launch_calls": launches}
 
