@@ -197,11 +197,15 @@ def compute_total(timings: dict[str, float | None]) -> tuple[float, int]:
 
 
 def wall_note(summary: dict) -> str:
-    """The tables' footer: this invocation's wall time and the compute of every run behind the tables."""
+    """The tables' footer: the wall time of what wrote them and the compute of every run behind the tables.
+
+    ``wall_scope`` says what the wall time covers: a ``--fractions`` fold's own table is timed from the start of that
+    label fraction (its fine-tuning and prediction), not from planning and pretraining, and must not claim more."""
     text = f"wall time {(summary.get('wall_s') or 0) / 60:.0f} min"
     if "compute_s" not in summary:
         return text + "."
-    text += f" (this invocation); {summary['compute_s'] / 60:.0f} min summed over the runs behind these tables"
+    text += (f" ({summary.get('wall_scope', 'this invocation')}); "
+             f"{summary['compute_s'] / 60:.0f} min summed over the runs behind these tables")
     untimed = summary.get("untimed_runs", 0)
     return text + (f", {untimed} run(s) reused from before times were recorded not counted." if untimed else ".")
 
@@ -462,6 +466,7 @@ class Context:
         summary["timings_s"] = timings
         summary["compute_s"], summary["untimed_runs"] = compute_total(summary["timings_s"])
         summary["wall_s"] = round(time.time() - self.t_start, 1)
+        summary["wall_scope"] = "this label fraction in this invocation" if self.tag else "this invocation"
         write_text_atomically(results_json, json.dumps(summary, indent=1))
         write_text_atomically(join(self.out, md), markdown(summary))
         if summary["arms"]:

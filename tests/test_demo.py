@@ -57,4 +57,6 @@ def test_experiment_grid_fine_tunes_one_fold_per_label_fraction(tmp_path):
         assert list((out / "predictions" / f"csm-noseriesmask_f{pct}" / "complete").glob("*.nii.gz"))
     table = (out / "results_grid.md").read_text()
     assert "| arm | 50 % (2 cases) | 100 % (4 cases) |" in table and table in proc.stdout
+    assert "(this invocation)" in table  # the grid is timed from planning on, each fraction from its own start
+    assert "(this label fraction in this invocation)" in (out / "results_f50.md").read_text()
     assert (out / "results_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -373,6 +373,8 @@ def test_run_times_outlive_the_invocation_that_measured_them(tmp_path):
     note = wall_note({"wall_s": 300, "compute_s": 580.0, "untimed_runs": 1})
     assert "5 min (this invocation)" in note and "10 min summed" in note and "1 run(s)" in note
     assert wall_note({"wall_s": 120}) == "wall time 2 min."
+    scoped = wall_note({"wall_s": 60, "compute_s": 60.0, "wall_scope": "this label fraction in this invocation"})
+    assert "1 min (this label fraction in this invocation)" in scoped
     with open(tmp_path / "timings.json") as f:
         assert json.load(f)["train csm-layerdecay_f50"] == 280.0
 
