@@ -332,9 +332,12 @@ def zero_series_copy(images_dir: str, out_dir: str, cases: list[str], channel: i
 
 
 def region_dice(labels_dir: str, pred_dir: str, labels: dict[str, int], regions: dict[str, tuple[int, ...]],
-                file_ending: str) -> dict[str, float]:
-    """Mean Dice over the cases of ``pred_dir`` per label and per region (nnU-Net's compute_metrics_on_folder;
-    a case where reference and prediction are both empty counts as NaN there and is skipped in the mean)."""
+                file_ending: str) -> tuple[dict[str, float], dict[str, dict[str, dict]]]:
+    """Dice per label and per region from nnU-Net's compute_metrics_on_folder: the mean over the cases of
+    ``pred_dir`` (a case where reference and prediction are both empty counts as NaN there and is skipped in the
+    mean), and per case ``{case: {name: {"dice": float | None, "n_ref": voxels, "n_pred": voxels}}}``. The per-case
+    record is kept because that mean hides what happens on cases without the label: a false prediction there scores
+    0, a correct empty one is skipped, so a run that leaves such a case clean is averaged over fewer cases."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
@@ -346,7 +349,26 @@ def region_dice(labels_dir: str, pred_dir: str, labels: dict[str, int], regions:
     for name, key in zip(names, keys):
         per_case = [c["metrics"][key]["Dice"] for c in res["metric_per_case"]]
         out[name] = float(np.nanmean(per_case)) if not all(np.isnan(per_case)) else float("nan")
-    return out
+    cases = {}
+    for c in res["metric_per_case"]:
+        case = os.path.basename(c["reference_file"])[: -len(file_ending)]
+        cases[case] = {name: {"dice": None if np.isnan(c["metrics"][key]["Dice"]) else float(c["metrics"][key]["Dice"]),
+                              "n_ref": int(c["metrics"][key]["n_ref"]), "n_pred": int(c["metrics"][key]["n_pred"])}
+                       for name, key in zip(names, keys)}
+    return out, cases
+
+
+def held_out_classes(ds: dict, val: list[str]) -> dict[str, str]:
+    """``{held-out case: class name}`` from dataset.json's ``classification_labels``/``class_names`` (the synthetic
+    data has them), so segmentation results can be read per class; ``{}`` when the dataset has no class label for
+    every held-out case."""
+    from csm_nnunet.class_labels import LABELS_KEY, NAMES_KEY
+
+    labels, names = ds.get(LABELS_KEY) or {}, ds.get(NAMES_KEY)
+    ids = [labels.get(c) for c in val]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return {}
+    return {c: str(names[i]) if names and i < len(names) else str(i) for c, i in zip(val, ids)}
 
 
 @dataclass
@@ -571,6 +593,7 @@ def run_segmentation(ctx: Context) -> dict:
     results_json = join(ctx.out, f"results{ctx.tag}.json")
     summary = ctx.summary(results_json)
     summary["regions"] = {k: list(v) for k, v in regions.items()}
+    summary["case_classes"] = held_out_classes(ds, ctx.split["val"])
     for arm in ctx.arms:
         trainer, pretrainer, preset = arm_spec(arm)
         preset = preset or args.preset
@@ -587,7 +610,8 @@ def run_segmentation(ctx: Context) -> dict:
                      "-p", PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1",
                      "-nps", "1"],
                     results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}{ctx.tag}"))
-            arm_res["dice"][label] = region_dice(labels_dir, pred, ds["labels"], regions, ctx.file_ending)
+            arm_res["dice"][label], arm_res.setdefault("cases", {})[label] = region_dice(
+                labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
     ctx.finish(summary, results_json, f"results{ctx.tag}.md")
@@ -822,6 +846,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {arm} | {r['trainer']} | {pre} | " + " | ".join(f"{d[c]:.3f}" for c in cols) + " |")
     scores = {arm: r["dice"]["complete"] for arm, r in arms.items()}
     lines += repeat_table(scores, cols)
+    lines += class_table(summary, cols)
     lines += encoder_table(arms, scores, cols)
     lines += learning_table(arms)
     missing = [k for k in next(iter(arms.values()))["dice"] if k != "complete"]
@@ -907,6 +932,42 @@ def repeat_table(scores: dict[str, dict[str, float | None]], cols: list[str]) ->
             vals = _values(runs, c)
             cells.append(_mean_sd(vals) + (f" ({len(vals)})" if vals and len(vals) != len(runs) else ""))
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def class_table(summary: dict, cols: list[str]) -> list[str]:
+    """Markdown lines: Dice on complete inputs split by the held-out cases' class (``summary["case_classes"]``), per
+    arm (repeats pooled). A cell is the mean over that class's cases whose reference has the label, mean ± sd over
+    the arm's runs, and, where some of those cases lack the label, how many of them (over all runs) got a false
+    prediction of it. Why: the main table's mean follows nnU-Net (a false prediction on an empty reference scores
+    0, a correct empty one is skipped), which mixes "finds the rim where there is one" with "draws one where there
+    is none" and is hard to read when the cases without the label dominate. Empty without classes or per-case
+    results (results written before per-case records were kept)."""
+    classes = summary.get("case_classes") or {}
+    per_case = {arm: r["cases"]["complete"] for arm, r in summary["arms"].items()
+                if (r.get("cases") or {}).get("complete")}
+    if not classes or len(per_case) != len(summary["arms"]):
+        return []
+    lines = ["", "By the held-out cases' class (dataset.json `classification_labels`), complete input: Dice over the "
+             "cases whose reference has the label, mean ± sd over runs; \"false in k/m\": of m case-runs whose "
+             "reference lacks the label, k predicted some of it:", "",
+             "| arm | n | class (cases) | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for arm, runs in _group_repeats(per_case).items():
+        for cls in sorted(set(classes.values())):
+            cases = [c for c, k in classes.items() if k == cls]
+            cells = []
+            for col in cols:
+                means, empty, false = [], 0, 0
+                for run in runs:
+                    recs = [run[c][col] for c in cases if c in run]
+                    found = [r["dice"] for r in recs if r["n_ref"] > 0 and r["dice"] is not None]
+                    if found:
+                        means.append(float(np.mean(found)))
+                    empty += sum(r["n_ref"] == 0 for r in recs)
+                    false += sum(r["n_ref"] == 0 and r["n_pred"] > 0 for r in recs)
+                parts = ([_mean_sd(means)] if means else []) + ([f"false in {false}/{empty}"] if empty else [])
+                cells.append("; ".join(parts) or "n/a")
+            lines.append(f"| {arm} | {len(runs)} | {cls} ({len(cases)}) | " + " | ".join(cells) + " |")
     return lines
 
 

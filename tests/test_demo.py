@@ -59,4 +59,8 @@ def test_experiment_grid_fine_tunes_one_fold_per_label_fraction(tmp_path):
     assert "| arm | 50 % (2 cases) | 100 % (4 cases) |" in table and table in proc.stdout
     assert "(this invocation)" in table  # the grid is timed from planning on, each fraction from its own start
     assert "(this label fraction in this invocation)" in (out / "results_f50.md").read_text()
+    f50 = json.loads((out / "results_f50.json").read_text())  # per-case Dice and the held-out cases' classes
+    assert sorted(f50["case_classes"]) == sorted(f50["split"]["val"])
+    assert sorted(f50["arms"]["csm-noseriesmask"]["cases"]["complete"]) == sorted(f50["split"]["val"])
+    assert "By the held-out cases' class" in (out / "results_f50.md").read_text()
     assert (out / "results_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

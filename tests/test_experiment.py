@@ -12,7 +12,9 @@ from csm_nnunet.experiment import (
     CLS_ARMS,
     _read_probabilities,
     arm_spec,
+    class_table,
     compute_total,
+    held_out_classes,
     markdown,
     record_timing,
     region_dice,
@@ -62,7 +64,7 @@ def test_zero_series_copy_keeps_geometry_and_zeroes_one_channel(tmp_path):
     assert np.array_equal(kept, sitk.GetArrayFromImage(sitk.ReadImage(str(src / "a_0002.nii.gz"))))
 
 
-def test_region_dice_counts_label_unions(tmp_path):
+def test_region_dice_counts_label_unions_and_keeps_each_case(tmp_path):
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     ref.mkdir()
     pred.mkdir()
@@ -73,11 +75,48 @@ def test_region_dice_counts_label_unions(tmp_path):
     p[1, :2] = 1  # label 2 predicted as label 1: label Dice 0 for 2, the union (1, 2) is perfect
     _write(r, str(ref / "x.nii.gz"))
     _write(p, str(pred / "x.nii.gz"))
-    dice = region_dice(str(ref), str(pred), {"background": 0, "edema": 1, "enhancing": 2},
-                       {"whole": (1, 2)}, ".nii.gz")
+    clean = np.zeros((4, 4, 4), np.uint8)
+    clean[2:, :2] = 1  # no label 2 in the reference, none predicted: skipped in label 2's mean
+    _write(clean, str(ref / "y.nii.gz"))
+    _write(clean, str(pred / "y.nii.gz"))
+    dice, cases = region_dice(str(ref), str(pred), {"background": 0, "edema": 1, "enhancing": 2},
+                              {"whole": (1, 2)}, ".nii.gz")
     assert dice["whole"] == pytest.approx(1.0)
     assert dice["enhancing"] == pytest.approx(0.0)
-    assert dice["edema"] == pytest.approx(2 * 8 / (8 + 16))
+    assert dice["edema"] == pytest.approx((2 * 8 / (8 + 16) + 1.0) / 2)
+    assert sorted(cases) == ["x", "y"]
+    assert cases["x"]["enhancing"] == {"dice": 0.0, "n_ref": 8, "n_pred": 0}
+    assert cases["y"]["enhancing"] == {"dice": None, "n_ref": 0, "n_pred": 0}
+    assert cases["y"]["whole"] == {"dice": 1.0, "n_ref": 16, "n_pred": 16}
+
+
+def test_held_out_classes_need_a_label_for_every_held_out_case():
+    ds = {"classification_labels": {"a": 0, "b": 1, "c": 1}, "class_names": ["benign", "malignant"]}
+    assert held_out_classes(ds, ["a", "c"]) == {"a": "benign", "c": "malignant"}
+    assert held_out_classes(ds, ["a", "d"]) == {}
+    assert held_out_classes({}, ["a"]) == {}
+    assert held_out_classes({"classification_labels": {"a": 2}}, ["a"]) == {"a": "2"}
+
+
+def test_class_table_separates_found_labels_from_false_ones():
+    def rec(dice, n_ref, n_pred):
+        return {"enhancing": {"dice": dice, "n_ref": n_ref, "n_pred": n_pred}}
+
+    runs = {  # m1, m2 malignant (rim in the reference), b1, b2 benign (no rim)
+        "csm": {"m1": rec(0.8, 10, 9), "m2": rec(0.6, 10, 7), "b1": rec(0.0, 0, 5), "b2": rec(None, 0, 0)},
+        "csm@2": {"m1": rec(0.9, 10, 10), "m2": rec(0.9, 10, 10), "b1": rec(0.0, 0, 3), "b2": rec(0.0, 0, 1)},
+        "scratch": {"m1": rec(0.0, 10, 0), "m2": rec(0.5, 10, 5), "b1": rec(None, 0, 0), "b2": rec(None, 0, 0)},
+    }
+    summary = {"case_classes": {"m1": "malignant", "m2": "malignant", "b1": "benign", "b2": "benign"},
+               "arms": {arm: {"cases": {"complete": c}} for arm, c in runs.items()}}
+    lines = class_table(summary, ["enhancing"])
+    assert "| csm | 2 | malignant (2) | 0.800 ± 0.141 |" in lines  # run means 0.7 and 0.9
+    assert "| csm | 2 | benign (2) | false in 3/4 |" in lines
+    assert "| scratch | 1 | malignant (2) | 0.250 |" in lines
+    assert "| scratch | 1 | benign (2) | false in 0/2 |" in lines
+    summary["arms"]["old"] = {"dice": {}}  # written before per-case records: no table rather than a partial one
+    assert class_table(summary, ["enhancing"]) == []
+    assert class_table({"case_classes": {}, "arms": {}}, ["enhancing"]) == []
 
 
 def test_markdown_lists_every_arm_and_the_missing_series_rows():
