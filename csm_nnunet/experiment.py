@@ -345,17 +345,17 @@ def region_dice(labels_dir: str, pred_dir: str, labels: dict[str, int], regions:
     keys: list[int | tuple[int, ...]] = [int(v) for v in fg.values()] + [tuple(r) for r in regions.values()]
     res = compute_metrics_on_folder(labels_dir, pred_dir, None, SimpleITKIO(), file_ending, keys, num_processes=1)
     names = list(fg) + list(regions)
-    out = {}
-    for name, key in zip(names, keys):
-        per_case = [c["metrics"][key]["Dice"] for c in res["metric_per_case"]]
-        out[name] = float(np.nanmean(per_case)) if not all(np.isnan(per_case)) else float("nan")
     cases = {}
     for c in res["metric_per_case"]:
-        case = os.path.basename(c["reference_file"])[: -len(file_ending)]
-        cases[case] = {name: {"dice": None if np.isnan(c["metrics"][key]["Dice"]) else float(c["metrics"][key]["Dice"]),
-                              "n_ref": int(c["metrics"][key]["n_ref"]), "n_pred": int(c["metrics"][key]["n_pred"])}
-                       for name, key in zip(names, keys)}
-    return out, cases
+        m = [c["metrics"][key] for key in keys]
+        cases[os.path.basename(c["reference_file"])[: -len(file_ending)]] = {
+            name: {"dice": None if np.isnan(k["Dice"]) else float(k["Dice"]), "n_ref": int(k["n_ref"]),
+                   "n_pred": int(k["n_pred"])} for name, k in zip(names, m)}
+    means = {}
+    for name in names:
+        defined = [r[name]["dice"] for r in cases.values() if r[name]["dice"] is not None]
+        means[name] = float(np.mean(defined)) if defined else float("nan")
+    return means, cases
 
 
 def held_out_classes(ds: dict, val: list[str]) -> dict[str, str]:
