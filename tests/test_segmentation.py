@@ -129,6 +129,34 @@ def test_overfits_a_synthetic_blob_segmentation(fusion_norm):
     assert net.fusions[0].norm.weight.grad is not None
 
 
+def test_frozen_encoder_start_moves_only_fusion_and_decoder():
+    """The fine-tuning trainers' parameter groups and schedule with ``frozen_steps``: an AdamW step (fused where
+    available, weight decay on) during the frozen epochs leaves every encoder tensor bit-identical and changes the
+    fresh parts; after the freeze the encoder moves too."""
+    from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
+
+    net = make(num_series=2, patch=(32, 32, 32), deep_supervision=False)
+    groups = finetune_param_groups(net, 0.01)
+    assert {is_encoder_key(n) for n, _ in net.named_parameters()} == {True, False}
+    enc_ids = {id(p) for g in groups if g["encoder"] for p in g["params"]}
+    assert enc_ids == {id(p) for n, p in net.named_parameters() if is_encoder_key(n)}
+    opt = adamw(groups, lr=1e-2)
+    sched = WarmupCosineLR(opt, 1e-2, max_steps=4, warmup_steps=0, frozen_steps=1)
+    x, y = torch.randn(1, 2, 32, 32, 32), torch.randint(0, 3, (1, 32, 32, 32))
+    for step in range(2):
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        sched.step(step)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+        assert any(not is_encoder_key(n) for n in moved)
+        if step == 0:
+            assert not any(is_encoder_key(n) for n in moved), sorted(n for n in moved if is_encoder_key(n))
+        else:
+            assert "patch_embed_weight" in moved and any(n.startswith("eva.blocks.") for n in moved)
+
+
 def test_bad_inputs_are_named():
     net = make()
     with pytest.raises(ValueError, match="S=4"):

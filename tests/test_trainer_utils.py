@@ -44,6 +44,23 @@ def test_warmup_then_cosine_to_zero():
     assert lrs[-1] < 1e-6
 
 
+def test_frozen_encoder_groups_wait_then_ramp_into_the_same_cosine():
+    enc, head = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [enc], "encoder": True, "lr_scale": 0.5}, {"params": [head]}], lr=1.0)
+    sched = WarmupCosineLR(opt, 1e-3, max_steps=100, warmup_steps=5, frozen_steps=20)
+    enc_lr, head_lr = [], []
+    for epoch in range(100):
+        sched.step(epoch)
+        enc_lr.append(opt.param_groups[0]["lr"])
+        head_lr.append(opt.param_groups[1]["lr"])
+    assert enc_lr[:20] == [0.0] * 20 and head_lr[19] == pytest.approx(sched.lr_at(19))  # the head trains meanwhile
+    assert all(0 < a < b for a, b in zip(enc_lr[20:25], enc_lr[21:26]))  # then the encoder warms up
+    assert enc_lr[25:] == pytest.approx([0.5 * h for h in head_lr[25:]])  # and follows the schedule (its lr_scale)
+    plain = WarmupCosineLR(torch.optim.AdamW([{"params": [enc], "encoder": True}], lr=1.0), 1e-3, 100, 5)
+    plain.step(0)
+    assert plain.optimizer.param_groups[0]["lr"] == pytest.approx(plain.lr_at(0))  # frozen_steps=0: no change
+
+
 def test_fit_patch_to_tokens():
     assert fit_patch_to_tokens([64, 80, 64], 16) == (64, 80, 64)
     assert fit_patch_to_tokens([56, 72, 40], 16) == (48, 64, 32)

@@ -24,10 +24,12 @@ from csm_nnunet.trainers.csm_pretrainer_ablations import (
 from csm_nnunet.trainers.csm_seg_trainer import CSMSegTrainer
 from csm_nnunet.trainers.csm_seg_variants import (
     CSMSegTrainer_ConcatFusion,
+    CSMSegTrainer_DecoderFirst,
     CSMSegTrainer_FusedTokens,
     CSMSegTrainer_InstanceNormFusion,
     CSMSegTrainer_LayerDecay,
     CSMSegTrainer_NoSeriesDropout,
+    CSMSegTrainer_NoSeriesDropout_DecoderFirst,
     CSMSegTrainer_SeriesDropout10,
 )
 
@@ -44,10 +46,12 @@ __all__ = [
     "CSMPretrainer_SeriesMaskNoRecon",
     "CSMSegTrainer",
     "CSMSegTrainer_ConcatFusion",
+    "CSMSegTrainer_DecoderFirst",
     "CSMSegTrainer_FusedTokens",
     "CSMSegTrainer_InstanceNormFusion",
     "CSMSegTrainer_LayerDecay",
     "CSMSegTrainer_NoSeriesDropout",
+    "CSMSegTrainer_NoSeriesDropout_DecoderFirst",
     "CSMSegTrainer_SeriesDropout10",
     "MAEPretrainer",
     "nnUNetTrainer_CSMBudget",

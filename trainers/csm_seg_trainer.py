@@ -41,7 +41,8 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
     Class attributes: ``preset`` (CSM_PRESET), ``fusion`` ("attention" | "concat"), ``fusion_norm`` ("layer" |
     "instance", how the fusion normalises the encoder taps), ``series_dropout`` (probability
     per training case of dropping 1..s-1 random series, so missing series at inference are expected), ``layer_decay``
-    (layer-wise lr decay factor, None = off), ``warmup_fraction``, ``fused_tokens`` (the channel-fused-token
+    (layer-wise lr decay factor, None = off), ``warmup_fraction``, ``encoder_freeze_fraction`` (frozen-encoder start,
+    see :class:`csm_nnunet.trainers.finetune.CSMFineTuningMixin`), ``fused_tokens`` (the channel-fused-token
     baseline, see :class:`csm_nnunet.segmentation.CSMSegmentationNetwork`).
     """
 

@@ -50,3 +50,17 @@ class CSMSegTrainer_SeriesDropout10(CSMSegTrainer):
     "Without series dropout"). Measures whether half the dropout keeps most of both."""
 
     series_dropout = 0.1
+
+
+class CSMSegTrainer_DecoderFirst(CSMSegTrainer):
+    """The encoder stays frozen for the first 20 % of the epochs while the fresh fusion and decoder learn on the
+    pretrained features, then everything trains (linear-probe-then-fine-tune). Tests whether CSM-initialised runs lose
+    their pretrained features to the random decoder's early gradients (docs/experiments.md, "Decoder first")."""
+
+    encoder_freeze_fraction = 0.2
+
+
+class CSMSegTrainer_NoSeriesDropout_DecoderFirst(CSMSegTrainer_NoSeriesDropout):
+    """:class:`CSMSegTrainer_DecoderFirst` without series dropout, to compare with the ``*-nodrop`` runs."""
+
+    encoder_freeze_fraction = 0.2

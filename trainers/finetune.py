@@ -20,6 +20,10 @@ class CSMFineTuningMixin:
     layer_decay: float | None = None
     #: fraction of the epochs spent on the linear lr warm-up
     warmup_fraction: float = 0.05
+    #: fraction of the epochs at the start during which the encoder's learning rate is 0 and only the fresh
+    #: fusion/decoder/head train (then the encoder warms up over ``warmup_fraction``); 0 = train everything from the
+    #: first step. Meant for fine-tuning from ``-pretrained_weights``.
+    encoder_freeze_fraction: float = 0.0
 
     def _finetuning_defaults(self) -> None:
         self.initial_lr = 5e-3  # paper IV.A: fine-tuning for all tasks
@@ -33,11 +37,15 @@ class CSMFineTuningMixin:
 
     def configure_optimizers(self):
         """AdamW (paper IV.A: lr 5e-3, weight decay 0.01) with warm-up and cosine decay; optional layer-wise lr
-        decay."""
+        decay and a frozen-encoder start."""
         groups = finetune_param_groups(self._unwrapped(), self.weight_decay, self.layer_decay)
         optimizer = adamw(groups, lr=self.initial_lr)
         warmup = int(round(self.warmup_fraction * self.num_epochs))
-        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
+        frozen = int(round(self.encoder_freeze_fraction * self.num_epochs))
+        if frozen:
+            self.print_to_log_file(f"csm-nnunet: encoder frozen for epochs 0-{frozen - 1}, then warmed up over "
+                                   f"{warmup} epochs; fusion/decoder/head train from the start")
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup, frozen_steps=frozen)
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically with CPU tensors (see :func:`save_trainer_checkpoint`)."""
