@@ -100,6 +100,8 @@ CLS_ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "fused": ("CSMClassifierTrainer_FusedTokens", None, None),
     "mae": ("CSMClassifierTrainer_FusedTokens", "MAEPretrainer", None),
     "csm-layerdecay": ("CSMClassifierTrainer_LayerDecay", "CSMPretrainer", None),
+    "csm-headfirst": ("CSMClassifierTrainer_HeadFirst", "CSMPretrainer", None),
+    "scratch-headfirst": ("CSMClassifierTrainer_HeadFirst", None, None),
     **{arm: ("CSMClassifierTrainer", pretrainer, None) for arm, pretrainer in ABLATIONS.items()},
 }
 #: ``--grid``: the paper's rows (full CSM, its ablations, channel-fused MAE, scratch) plus the channel-fused ViT and,

@@ -129,20 +129,27 @@ def test_overfits_a_synthetic_blob_segmentation(fusion_norm):
     assert net.fusions[0].norm.weight.grad is not None
 
 
-def test_frozen_encoder_start_moves_only_fusion_and_decoder():
-    """The fine-tuning trainers' parameter groups and schedule with ``frozen_steps``: an AdamW step (fused where
-    available, weight decay on) during the frozen epochs leaves every encoder tensor bit-identical and changes the
-    fresh parts; after the freeze the encoder moves too."""
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_frozen_encoder_start_moves_only_fusion_and_decoder(task: str):
+    """The fine-tuning trainers' parameter groups and schedule with ``frozen_steps`` (``CSMSegTrainer_DecoderFirst``,
+    ``CSMClassifierTrainer_HeadFirst``): an AdamW step (fused where available, weight decay on) during the frozen
+    epochs leaves every encoder tensor bit-identical and changes the fresh parts (fusion/decoder, or the head); after
+    the freeze the encoder moves too."""
+    from csm_nnunet.classification import CSMClassificationNetwork
     from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 
-    net = make(num_series=2, patch=(32, 32, 32), deep_supervision=False)
+    x = torch.randn(2, 2, 32, 32, 32)
+    if task == "segmentation":
+        net, y = make(num_series=2, patch=(32, 32, 32), deep_supervision=False), torch.randint(0, 3, (2, 32, 32, 32))
+    else:
+        torch.manual_seed(0)
+        net, y = CSMClassificationNetwork(2, 2, (32, 32, 32), "tiny"), torch.tensor([0, 1])
     groups = finetune_param_groups(net, 0.01)
     assert {is_encoder_key(n) for n, _ in net.named_parameters()} == {True, False}
     enc_ids = {id(p) for g in groups if g["encoder"] for p in g["params"]}
     assert enc_ids == {id(p) for n, p in net.named_parameters() if is_encoder_key(n)}
     opt = adamw(groups, lr=1e-2)
     sched = WarmupCosineLR(opt, 1e-2, max_steps=4, warmup_steps=0, frozen_steps=1)
-    x, y = torch.randn(1, 2, 32, 32, 32), torch.randint(0, 3, (1, 32, 32, 32))
     for step in range(2):
         before = {n: p.detach().clone() for n, p in net.named_parameters()}
         sched.step(step)

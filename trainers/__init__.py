@@ -10,6 +10,7 @@ from csm_nnunet.trainers.csm_classifier_trainer import (
     CSMClassifierTrainer,
     CSMClassifierTrainer_Balanced,
     CSMClassifierTrainer_FusedTokens,
+    CSMClassifierTrainer_HeadFirst,
     CSMClassifierTrainer_LayerDecay,
 )
 from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
@@ -37,6 +38,7 @@ __all__ = [
     "CSMClassifierTrainer",
     "CSMClassifierTrainer_Balanced",
     "CSMClassifierTrainer_FusedTokens",
+    "CSMClassifierTrainer_HeadFirst",
     "CSMClassifierTrainer_LayerDecay",
     "CSMPretrainer",
     "CSMPretrainer_Mask50",

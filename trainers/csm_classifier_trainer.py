@@ -388,3 +388,11 @@ class CSMClassifierTrainer_LayerDecay(CSMClassifierTrainer):
     """Layer-wise lr decay 0.75 (MAE fine-tuning practice)."""
 
     layer_decay = 0.75
+
+
+class CSMClassifierTrainer_HeadFirst(CSMClassifierTrainer):
+    """The encoder stays frozen for the first 20 % of the epochs while the fresh head learns on the pretrained
+    features, then everything trains (linear-probe-then-fine-tune; the classification twin of
+    ``CSMSegTrainer_DecoderFirst``, which kept CSM's features at 10 % labels in segmentation)."""
+
+    encoder_freeze_fraction = 0.2
