@@ -369,7 +369,9 @@ def region_dice(labels_dir: str, pred_dir: str, labels: dict[str, int], regions:
 def held_out_classes(ds: dict, val: list[str]) -> dict[str, str]:
     """``{held-out case: class name}`` from dataset.json's ``classification_labels``/``class_names`` (the synthetic
     data has them), so segmentation results can be read per class; ``{}`` when the dataset has no class label for
-    every held-out case."""
+    every held-out case. Lenient on purpose, unlike :func:`csm_nnunet.class_labels.read_class_labels` (which a
+    classifier needs, and which raises): a segmentation study must not fail because its dataset lacks class labels,
+    nor because the held-out cases happen to share one class."""
     from csm_nnunet.class_labels import LABELS_KEY, NAMES_KEY
 
     labels, names = ds.get(LABELS_KEY) or {}, ds.get(NAMES_KEY)
