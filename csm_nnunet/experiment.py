@@ -757,22 +757,35 @@ def grid_scores(summary: dict) -> dict[str, dict[str, dict[str, list[float]]]]:
     return out
 
 
+def grid_run_counts(summary: dict) -> dict[str, dict[str, int]]:
+    """``{fraction: {arm: runs that finished}}`` (``csm``, ``csm@2`` ... count as runs of ``csm``)."""
+    return {pct: {arm: len(runs) for arm, runs in _group_repeats(f["arms"]).items()}
+            for pct, f in summary["fractions"].items()}
+
+
+def run_count(n_runs: dict[str, dict[str, int]]) -> str:
+    """"3 runs" or "1-3 runs": the runs behind each arm's cells, counted from the results rather than taken from
+    ``--seeds``, since repeats can also be listed as ``arm@k`` or added later with ``--resume``."""
+    counts = sorted({n for by_arm in n_runs.values() for n in by_arm.values()}) or [0]
+    lo, hi = counts[0], counts[-1]
+    return f"{lo} run{'s' if lo != 1 else ''}" if lo == hi else f"{lo}-{hi} runs"
+
+
 def markdown_grid(summary: dict) -> str:
     """One table per metric: arms x label fractions, mean ± sample sd over seeds (n runs)."""
     fr = summary["fractions"]
     m = summary["machine"]
     metric = "Dice" if summary["study"] == "seg" else ""
+    n_runs = grid_run_counts(summary)  # also flags cells where a seed gave no value
     lines = [f"Dataset {summary['dataset']}: {len(summary['split']['val'])} held-out cases; pretraining on the "
              f"{len(summary['split']['pretraining'])} others (images only, {summary['steps']['pretrain']} steps); "
              f"fine-tuning on a label fraction of them ({summary['steps']['finetune']} steps, preset "
-             f"{summary['preset']}); {summary['seeds']} seed(s) per arm"
+             f"{summary['preset']}); {run_count(n_runs)} per arm"
              + ((", each with its own pretraining run" if summary.get("finetunes_per_encoder", 1) == 1 else
                  f", every {summary['finetunes_per_encoder']} consecutive seeds sharing one pretraining run")
                 if summary["pretrain_per_repeat"] else "") + ". "
              "Mean ± sd over seeds (n runs when not every seed gave a value).", ""]
     head = " | ".join(f"{pct} % ({f['labelled']} cases)" for pct, f in fr.items())
-    # runs of each arm per fraction (seeds that finished), to flag cells where a seed gave no value
-    n_runs = {pct: {arm: len(runs) for arm, runs in _group_repeats(f["arms"]).items()} for pct, f in fr.items()}
     for col, arms in grid_scores(summary).items():
         lines += [f"**{metric + ' ' if metric else ''}{col}**", "", f"| arm | {head} |", "|---|" + "---|" * len(fr)]
         for arm, by_fraction in arms.items():
@@ -817,8 +830,8 @@ def plot_grid(summary: dict, png: str) -> None:
         ax.set_title(col, fontsize=9)
         ax.set_xlabel("labelled fraction", fontsize=8)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.suptitle(f"{summary['dataset']}: {summary['seeds']} seed(s), {summary['steps']['finetune']} fine-tuning steps",
-                 fontsize=9)
+    fig.suptitle(f"{summary['dataset']}: {run_count(grid_run_counts(summary))} per arm, "
+                 f"{summary['steps']['finetune']} fine-tuning steps", fontsize=9)
     fig.tight_layout()
     save_figure_atomically(fig, png, dpi=120)
 

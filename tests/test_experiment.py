@@ -351,6 +351,8 @@ def test_grid_table_and_plot_report_mean_sd_per_arm_and_fraction(tmp_path):
     assert "| csm | 0.600 ± 0.141 | 0.850 ± 0.071 |" in text  # whole tumour
     assert "| csm | 0.200 (1 of 2) | 0.550 ± 0.071 |" in text  # tumour core: one seed undefined
     assert "| scratch | 0.400 | n/a |" in text
+    # counted from the results (csm, csm@2; scratch once), not taken from "seeds"
+    assert "; 1-2 runs per arm, each with its own pretraining run." in text
     plot_grid(summary, str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cls_text = markdown_grid(_grid_summary("cls"))
