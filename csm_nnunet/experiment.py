@@ -16,6 +16,8 @@ arms:
 * ``csm-decfirst`` / ``csm-nodrop-decfirst``  ``CSMSegTrainer_DecoderFirst`` / ``..._NoSeriesDropout_DecoderFirst``
   from a ``CSMPretrainer`` encoder: the encoder is frozen for the first 20 % of the epochs; ``scratch-nodrop-decfirst``
   the same schedule on a random encoder (the control: does the schedule alone help?);
+* ``mae-nodrop-decfirst``  ``CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst`` from a ``MAEPretrainer``
+  encoder: channel-fused pretraining under the same fine-tuning recipe as ``csm-nodrop-decfirst``;
 * ``scratch-drop10`` / ``csm-drop10``  ``CSMSegTrainer_SeriesDropout10`` (series dropout on 10 % of cases instead of
   20 %) from scratch and from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
@@ -73,6 +75,7 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-decfirst": ("CSMSegTrainer_DecoderFirst", "CSMPretrainer", None),
     "csm-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer", None),
     "scratch-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", None, None),
+    "mae-nodrop-decfirst": ("CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst", "MAEPretrainer", None),
     "scratch-drop10": ("CSMSegTrainer_SeriesDropout10", None, None),
     "csm-drop10": ("CSMSegTrainer_SeriesDropout10", "CSMPretrainer", None),
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),

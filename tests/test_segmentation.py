@@ -129,18 +129,19 @@ def test_overfits_a_synthetic_blob_segmentation(fusion_norm):
     assert net.fusions[0].norm.weight.grad is not None
 
 
-@pytest.mark.parametrize("task", ["segmentation", "classification"])
+@pytest.mark.parametrize("task", ["segmentation", "fused-segmentation", "classification"])
 def test_frozen_encoder_start_moves_only_fusion_and_decoder(task: str):
     """The fine-tuning trainers' parameter groups and schedule with ``frozen_steps`` (``CSMSegTrainer_DecoderFirst``,
-    ``CSMClassifierTrainer_HeadFirst``): an AdamW step (fused where available, weight decay on) during the frozen
-    epochs leaves every encoder tensor bit-identical and changes the fresh parts (fusion/decoder, or the head); after
-    the freeze the encoder moves too."""
+    its fused-token variant, ``CSMClassifierTrainer_HeadFirst``): an AdamW step (fused where available, weight decay
+    on) during the frozen epochs leaves every encoder tensor bit-identical and changes the fresh parts (fusion/decoder,
+    or the head); after the freeze the encoder moves too."""
     from csm_nnunet.classification import CSMClassificationNetwork
     from csm_nnunet.optim import WarmupCosineLR, adamw, finetune_param_groups
 
     x = torch.randn(2, 2, 32, 32, 32)
-    if task == "segmentation":
-        net, y = make(num_series=2, patch=(32, 32, 32), deep_supervision=False), torch.randint(0, 3, (2, 32, 32, 32))
+    if task.endswith("segmentation"):  # fused: the MAE encoder's one token per patch (mae-nodrop-decfirst)
+        net = make(num_series=2, patch=(32, 32, 32), deep_supervision=False, fused_tokens=task.startswith("fused"))
+        y = torch.randint(0, 3, (2, 32, 32, 32))
     else:
         torch.manual_seed(0)
         net, y = CSMClassificationNetwork(2, 2, (32, 32, 32), "tiny"), torch.tensor([0, 1])

@@ -64,3 +64,11 @@ class CSMSegTrainer_NoSeriesDropout_DecoderFirst(CSMSegTrainer_NoSeriesDropout):
     """:class:`CSMSegTrainer_DecoderFirst` without series dropout, to compare with the ``*-nodrop`` runs."""
 
     encoder_freeze_fraction = 0.2
+
+
+class CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst(CSMSegTrainer_NoSeriesDropout_DecoderFirst):
+    """The channel-fused-token network (``MAEPretrainer`` weights) fine-tuned with the recipe that brought CSM level
+    with scratch at 10 % labels (no series dropout, encoder frozen for the first 20 % of the epochs), so CSM and MAE
+    pretraining are compared under the same fine-tuning."""
+
+    fused_tokens = True
