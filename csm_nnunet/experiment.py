@@ -201,6 +201,16 @@ def reuse_timing(out: str, timings: dict[str, float | None], key: str) -> None:
     timings[key] = (json.load(open(path)) if isfile(path) else {}).get(key)
 
 
+def merge_timings(kept: dict[str, float | None], new: dict[str, float | None]) -> dict[str, float | None]:
+    """``kept`` (a --resume's earlier summary) updated with this invocation's ``new`` timings, rounded; a reuse with
+    no recorded time must not erase one the earlier summary kept."""
+    timings = dict(kept)
+    for k, v in new.items():
+        if v is not None or timings.get(k) is None:
+            timings[k] = None if v is None else round(v, 1)
+    return timings
+
+
 def compute_total(timings: dict[str, float | None]) -> tuple[float, int]:
     """Seconds summed over the timed runs, and how many runs have no recorded time."""
     return (round(sum(v for v in timings.values() if v is not None), 1),
@@ -494,11 +504,7 @@ class Context:
         return summary
 
     def finish(self, summary: dict, results_json: str, md: str) -> None:
-        timings = dict(summary.get("timings_s", {}))
-        for k, v in self.timings.items():  # a reuse with no recorded time must not erase one a --resume kept
-            if v is not None or timings.get(k) is None:
-                timings[k] = None if v is None else round(v, 1)
-        summary["timings_s"] = timings
+        summary["timings_s"] = merge_timings(summary.get("timings_s", {}), self.timings)
         summary["compute_s"], summary["untimed_runs"] = compute_total(summary["timings_s"])
         summary["wall_s"] = round(time.time() - self.t_start, 1)
         summary["wall_scope"] = "this label fraction in this invocation" if self.tag else "this invocation"
@@ -715,12 +721,17 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     """The label-fraction x arm x seed summary (``results_grid[_cls].json/.md/.png``) from the per-fraction
     summaries; each fraction also keeps its own ``results[_cls]_f<pct>.json/.md/.png``."""
     first = next(iter(grid.values()))
+    name = grid_json_name(ctx.args.study, ctx.cls_tag)
+    # a --resume keeps the arms of earlier invocations in the tables, so it keeps the planning and pretraining times
+    # behind them too (this invocation may not have run them: an added scratch arm pretrains nothing)
+    kept = json.load(open(join(ctx.out, name))).get("timings_s", {}) if ctx.args.resume and isfile(
+        join(ctx.out, name)) else {}
     summary = {"study": ctx.args.study, "dataset": ctx.name, "grid": True,
                "split": {k: ctx.split[k] for k in ("val", "pretraining", "fractions")}, "steps": ctx.steps,
                "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
                "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat),
                "finetunes_per_encoder": getattr(ctx.args, "finetunes_per_encoder", 1), "machine": first["machine"],
-               "timings_s": {k: None if v is None else round(v, 1) for k, v in ctx.timings.items()},
+               "timings_s": merge_timings(kept, ctx.timings),
                "fractions": {pct: {"labelled": len(s["split"]["labelled"]), "fold": s["fold"], "arms": s["arms"],
                                    "wall_s": s.get("wall_s")} for pct, s in grid.items()}}
     if ctx.args.study == "seg":
@@ -730,7 +741,6 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
                                               for k, v in s.get("timings_s", {}).items()}}
     summary["compute_s"], summary["untimed_runs"] = compute_total(everything)
     summary["wall_s"] = round(time.time() - ctx.t_start, 1)
-    name = grid_json_name(ctx.args.study, ctx.cls_tag)
     write_text_atomically(join(ctx.out, name), json.dumps(summary, indent=1))
     write_text_atomically(join(ctx.out, name[: -len(".json")] + ".md"), markdown_grid(summary))
     plot_grid(summary, join(ctx.out, name[: -len(".json")] + ".png"))

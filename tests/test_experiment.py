@@ -428,3 +428,28 @@ def test_every_arm_names_a_trainer_nnunet_can_find():
     named = {spec[0] for spec in ARMS.values()} | {spec[0] for spec in CLS_ARMS.values()}
     missing = sorted(t for t in named if t not in trainers.__all__ or not hasattr(trainers, t))
     assert not missing, missing
+
+
+def test_a_resumed_grid_keeps_the_pretraining_times_behind_earlier_arms(tmp_path):
+    """An invocation that only adds a scratch arm pretrains nothing; the grid still shows the CSM arms of the earlier
+    invocation, so its compute total must still count their pretraining (it printed 71 instead of 119 min once)."""
+    import argparse
+    import dataclasses
+
+    from csm_nnunet.experiment import Context, write_grid
+
+    def fraction(timings: dict) -> dict:
+        arms = {"csm": {"metrics": {"complete": {"auc": 0.8, "accuracy": 0.7, "sensitivity": 1.0, "specificity": 0.5}}}}
+        return {"split": {"labelled": ["a", "b"]}, "fold": 2, "arms": arms, "timings_s": timings,
+                "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}}
+
+    args = argparse.Namespace(study="cls", preset="tiny", seeds=1, pretrain_per_repeat=True, resume=True, crop=None)
+    ctx = Context(args, str(tmp_path), None, "D", 1, {}, ".nii.gz",
+                  {"val": ["v"], "pretraining": ["p"], "fractions": {"10": ["a", "b"]}}, {"pretrain": 8, "finetune": 4},
+                  ["csm"], {}, {"plan_and_preprocess": 60.0, "pretrain CSMPretrainer_tiny": 600.0}, 0.0)
+    assert write_grid(ctx, {"10": fraction({"train csm_f10": 100.0})})["compute_s"] == 760.0
+    added = dataclasses.replace(ctx, timings={"plan_and_preprocess": 60.0})  # the scratch arm's invocation
+    summary = write_grid(added, {"10": fraction({"train csm_f10": 100.0, "train scratch_f10": 90.0})})
+    assert summary["timings_s"]["pretrain CSMPretrainer_tiny"] == 600.0 and summary["compute_s"] == 850.0
+    fresh = dataclasses.replace(added, args=argparse.Namespace(**{**vars(args), "resume": False}))
+    assert write_grid(fresh, {"10": fraction({"train scratch_f10": 90.0})})["compute_s"] == 150.0
