@@ -211,6 +211,14 @@ def merge_timings(kept: dict[str, float | None], new: dict[str, float | None]) -
     return timings
 
 
+def earlier_summary(path: str, resume: bool) -> dict:
+    """The summary an earlier invocation wrote to ``path``, which a ``--resume`` extends; ``{}`` otherwise."""
+    if not (resume and isfile(path)):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def compute_total(timings: dict[str, float | None]) -> tuple[float, int]:
     """Seconds summed over the timed runs, and how many runs have no recorded time."""
     return (round(sum(v for v in timings.values() if v is not None), 1),
@@ -494,7 +502,7 @@ class Context:
 
     def summary(self, results_json: str) -> dict:
         a = self.args
-        summary: dict = json.load(open(results_json)) if isfile(results_json) and a.resume else {}
+        summary = earlier_summary(results_json, a.resume)
         summary.update({"study": a.study, "dataset": self.name, "split": self.split, "fold": self.fold,
                         "steps": self.steps,
                         "batch": "from the plans", "preset": a.preset,
@@ -724,8 +732,7 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     name = grid_json_name(ctx.args.study, ctx.cls_tag)
     # a --resume keeps the arms of earlier invocations in the tables, so it keeps the planning and pretraining times
     # behind them too (this invocation may not have run them: an added scratch arm pretrains nothing)
-    kept = json.load(open(join(ctx.out, name))).get("timings_s", {}) if ctx.args.resume and isfile(
-        join(ctx.out, name)) else {}
+    kept = earlier_summary(join(ctx.out, name), ctx.args.resume).get("timings_s", {})
     summary = {"study": ctx.args.study, "dataset": ctx.name, "grid": True,
                "split": {k: ctx.split[k] for k in ("val", "pretraining", "fractions")}, "steps": ctx.steps,
                "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
