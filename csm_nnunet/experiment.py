@@ -211,6 +211,23 @@ def merge_timings(kept: dict[str, float | None], new: dict[str, float | None]) -
     return timings
 
 
+def csm_environment() -> dict[str, str]:
+    """The ``CSM_*`` variables set when the experiment ran: every run inherits them (a ``CSM_LR`` there changes the
+    pretraining runs too), so the results must say so."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("CSM_")}
+
+
+def settings_note(summary: dict) -> str:
+    """The non-default settings behind a table, for its footer: ``--finetune-lr`` and inherited ``CSM_*``."""
+    parts = []
+    if summary.get("finetune_lr"):
+        parts.append(f"fine-tuning peak lr {summary['finetune_lr']:g} (--finetune-lr)")
+    if summary.get("environment"):
+        parts.append("set in the environment of every run: "
+                     + ", ".join(f"{k}={v}" for k, v in summary["environment"].items()))
+    return " " + "; ".join(parts) + "." if parts else ""
+
+
 def earlier_summary(path: str, resume: bool) -> dict:
     """The summary an earlier invocation wrote to ``path``, which a ``--resume`` extends; ``{}`` otherwise."""
     if not (resume and isfile(path)):
@@ -232,11 +249,12 @@ def wall_note(summary: dict) -> str:
     label fraction (its fine-tuning and prediction), not from planning and pretraining, and must not claim more."""
     text = f"wall time {(summary.get('wall_s') or 0) / 60:.0f} min"
     if "compute_s" not in summary:
-        return text + "."
+        return text + "." + settings_note(summary)
     text += (f" ({summary.get('wall_scope', 'this invocation')}); "
              f"{summary['compute_s'] / 60:.0f} min summed over the runs behind these tables")
     untimed = summary.get("untimed_runs", 0)
-    return text + (f", {untimed} run(s) reused from before times were recorded not counted." if untimed else ".")
+    return text + (f", {untimed} run(s) reused from before times were recorded not counted." if untimed else ".") \
+        + settings_note(summary)
 
 
 def _show_progress(results: str, t0: float, epochs: int, shown: int) -> int:
@@ -425,10 +443,15 @@ class Context:
     tag: str = ""
 
     @property
-    def cls_tag(self) -> str:
-        """``""``, or ``"_crop<edge>"`` when the classifiers use their own crop size (their own folders/results)."""
-        crop = getattr(self.args, "crop", None)
-        return f"_crop{crop}" if crop else ""
+    def variant(self) -> str:
+        """The suffix of a non-default fine-tuning (``variant_tag``); ``""`` for the default."""
+        return variant_tag(self.args)
+
+    def run_name(self, arm: str) -> str:
+        """One arm's fine-tuning in this fold, as its results/predictions folder, log and timing keys call it:
+        ``csm_f10`` (seg), ``cls_crop24_csm_f10`` (cls with ``--crop 24``), ``csm_lr0.001_f10`` (``--finetune-lr``).
+        The study is in the cls name so that seg and cls runs in one folder never share a timing key."""
+        return (f"{arm}{self.variant}" if self.args.study == "seg" else f"cls{self.variant}_{arm}") + self.tag
 
     def pretrained_key(self, arm: str, pretrainer: str, preset: str) -> tuple[str, str, int, int]:
         """Which pretraining run an arm loads: ``(pretrainer, preset, replicate, epochs)``. Replicate 1 for every
@@ -448,13 +471,14 @@ class Context:
     def train_arm(self, arm: str, trainer: str, pretrainer: str | None, preset: str) -> tuple[str, dict]:
         """Fine-tune one arm on fold 0 (skipped when its checkpoint_final exists); returns its results folder and
         the results-json stub."""
-        results = join(self.out, "results",
-                       (arm if self.args.study == "seg" else f"cls{self.cls_tag}_{arm}") + self.tag)
+        results = join(self.out, "results", self.run_name(arm))
         extra = {**self.length(self.args.epochs), "CSM_PRESET": preset}
         if self.args.study == "cls" and getattr(self.args, "crop", None):
             extra["CSM_CROP"] = str(self.args.crop)
+        if getattr(self.args, "finetune_lr", None):
+            extra["CSM_LR"] = repr(self.args.finetune_lr)
         fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", f"fold_{self.fold}")
-        timing_key = f"train {arm}{self.tag}"
+        timing_key = f"train {self.run_name(arm)}"
         if isfile(join(fold_dir, "checkpoint_final.pth")):
             reuse_timing(self.out, self.timings, timing_key)
         else:
@@ -470,9 +494,10 @@ class Context:
                     weights = exported
                 cmd += ["-pretrained_weights", weights]
             record_timing(self.out, self.timings, timing_key,
-                          self.run(cmd, results, extra, f"train_{arm}{self.tag}", epochs=self.args.epochs))
+                          self.run(cmd, results, extra, f"train_{self.run_name(arm)}", epochs=self.args.epochs))
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
-            ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"]}
+            ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"],
+            "finetune_lr": getattr(self.args, "finetune_lr", None)}
         if pretrainer is not None:
             ckpt = self.checkpoints[self.pretrained_key(arm, pretrainer, preset)]
             record = join(os.path.dirname(ckpt), "csm_experiment_steps.json")
@@ -507,6 +532,7 @@ class Context:
                         "steps": self.steps,
                         "batch": "from the plans", "preset": a.preset,
                         "finetunes_per_encoder": getattr(a, "finetunes_per_encoder", 1),
+                        "finetune_lr": getattr(a, "finetune_lr", None), "environment": csm_environment(),
                         "machine": machine_description(a.threads, a.device)})
         summary.setdefault("arms", {})
         return summary
@@ -617,7 +643,7 @@ def run_segmentation(ctx: Context) -> dict:
     regions = REGIONS.get(kind, {})
     labels_dir = join(ctx.out, "raw", name, "labelsTr")
     val_images = ctx.missing_inputs()
-    results_json = join(ctx.out, f"results{ctx.tag}.json")
+    results_json = join(ctx.out, f"results{ctx.variant}{ctx.tag}.json")
     summary = ctx.summary(results_json)
     summary["regions"] = {k: list(v) for k, v in regions.items()}
     summary["case_classes"] = held_out_classes(ds, ctx.split["val"])
@@ -627,8 +653,8 @@ def run_segmentation(ctx: Context) -> dict:
         results, arm_res = ctx.train_arm(arm, trainer, pretrainer, preset)
         arm_res["dice"] = {}
         for label, folder in val_images.items():
-            pred = join(ctx.out, "predictions", arm + ctx.tag, label.replace(" ", "_"))
-            key = f"predict {arm}{ctx.tag} {label}"
+            pred = join(ctx.out, "predictions", ctx.run_name(arm), label.replace(" ", "_"))
+            key = f"predict {ctx.run_name(arm)} {label}"
             if isdir(pred) and any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
                 reuse_timing(ctx.out, ctx.timings, key)
             else:
@@ -636,12 +662,12 @@ def run_segmentation(ctx: Context) -> dict:
                     ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", str(ctx.fold), "-tr", trainer,
                      "-p", PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1",
                      "-nps", "1"],
-                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{arm}{ctx.tag}"))
+                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{ctx.run_name(arm)}"))
             arm_res["dice"][label], arm_res.setdefault("cases", {})[label] = region_dice(
                 labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
-    ctx.finish(summary, results_json, f"results{ctx.tag}.md")
+    ctx.finish(summary, results_json, f"results{ctx.variant}{ctx.tag}.md")
     return summary
 
 
@@ -657,7 +683,7 @@ def run_classification(ctx: Context) -> dict:
     args = ctx.args
     truth, class_names = read_class_labels(ctx.ds, sorted(set(ctx.split["val"]) | set(ctx.split["pretraining"])))
     inputs = ctx.missing_inputs()
-    results_json = join(ctx.out, f"results_cls{ctx.cls_tag}{ctx.tag}.json")
+    results_json = join(ctx.out, f"results_cls{ctx.variant}{ctx.tag}.json")
     summary = ctx.summary(results_json)
     for arm in ctx.arms:
         trainer, pretrainer, preset = arm_spec(arm, "cls")
@@ -666,23 +692,22 @@ def run_classification(ctx: Context) -> dict:
         model = join(results, ctx.name, f"{trainer}__{PLANS}__{CONFIG}")
         arm_res["metrics"] = {}
         for label, folder in inputs.items():
-            csv_path = join(ctx.out, "predictions", f"cls{ctx.cls_tag}_{arm}{ctx.tag}",
-                            label.replace(" ", "_") + ".csv")
+            csv_path = join(ctx.out, "predictions", ctx.run_name(arm), label.replace(" ", "_") + ".csv")
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-            key = f"classify {arm}{ctx.tag} {label}"
+            key = f"classify {ctx.run_name(arm)} {label}"
             if isfile(csv_path):
                 reuse_timing(ctx.out, ctx.timings, key)
             else:
                 record_timing(ctx.out, ctx.timings, key, ctx.run(
                     ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", str(ctx.fold),
                      "--masks", join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
-                    {"CSM_PRESET": preset}, f"classify_{arm}{ctx.tag}"))
+                    {"CSM_PRESET": preset}, f"classify_{ctx.run_name(arm)}"))
             cases, probs = _read_probabilities(csv_path, class_names)
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
     summary["crop"] = getattr(args, "crop", None)
-    ctx.finish(summary, results_json, f"results_cls{ctx.cls_tag}{ctx.tag}.md")
+    ctx.finish(summary, results_json, f"results_cls{ctx.variant}{ctx.tag}.md")
     return summary
 
 
@@ -721,15 +746,24 @@ def run_experiment(args: argparse.Namespace) -> dict:
     return summary
 
 
-def grid_json_name(study: str, cls_tag: str = "") -> str:
-    return "results_grid.json" if study == "seg" else f"results_grid_cls{cls_tag}.json"
+def variant_tag(args: argparse.Namespace) -> str:
+    """Suffix of the folders, results files and timing keys of runs that differ from the default fine-tuning, so
+    that they sit beside the default's in one work folder: ``_crop<edge>`` (cls, ``--crop``), then
+    ``_lr<value>`` (``--finetune-lr``, e.g. ``_lr0.001``)."""
+    crop = getattr(args, "crop", None) if args.study == "cls" else None
+    lr = getattr(args, "finetune_lr", None)
+    return (f"_crop{crop}" if crop else "") + (f"_lr{lr:g}" if lr else "")
+
+
+def grid_json_name(study: str, variant: str = "") -> str:
+    return f"results_grid{variant}.json" if study == "seg" else f"results_grid_cls{variant}.json"
 
 
 def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     """The label-fraction x arm x seed summary (``results_grid[_cls].json/.md/.png``) from the per-fraction
     summaries; each fraction also keeps its own ``results[_cls]_f<pct>.json/.md/.png``."""
     first = next(iter(grid.values()))
-    name = grid_json_name(ctx.args.study, ctx.cls_tag)
+    name = grid_json_name(ctx.args.study, ctx.variant)
     # a --resume keeps the arms of earlier invocations in the tables, so it keeps the planning and pretraining times
     # behind them too (this invocation may not have run them: an added scratch arm pretrains nothing)
     kept = earlier_summary(join(ctx.out, name), ctx.args.resume).get("timings_s", {})
@@ -738,6 +772,7 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
                "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
                "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat),
                "finetunes_per_encoder": getattr(ctx.args, "finetunes_per_encoder", 1), "machine": first["machine"],
+               "finetune_lr": getattr(ctx.args, "finetune_lr", None), "environment": csm_environment(),
                "timings_s": merge_timings(kept, ctx.timings),
                "fractions": {pct: {"labelled": len(s["split"]["labelled"]), "fold": s["fold"], "arms": s["arms"],
                                    "wall_s": s.get("wall_s")} for pct, s in grid.items()}}
@@ -1147,6 +1182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for every nnU-Net step")
     parser.add_argument("--crop", type=int, default=None,
                         help="cls: edge of the ROI-centred classifier crop (CSM_CROP; default the plans' patch size)")
+    parser.add_argument("--finetune-lr", type=_learning_rate, default=None, metavar="LR",
+                        help="peak learning rate of the fine-tuning runs only (CSM_LR for them; pretraining keeps its "
+                             "own); default the trainers' (5e-3, paper IV.A). Its runs get their own folders and "
+                             "results files (suffix _lr<LR>), so a sweep shares one work folder and its pretraining")
     parser.add_argument("--fractions", type=_percentages, default=None,
                         help="label fractions in percent of the non-held-out cases, e.g. 10,50,100: one fine-tuning "
                              "fold per fraction (nested subsets) and a grid table results_grid[_cls].md")
@@ -1176,6 +1215,16 @@ def _at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
     return int(text)
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a learning rate in (0, 1), e.g. 1e-3")
+    return value
 
 
 def _percentages(text: str) -> list[int]:
@@ -1214,12 +1263,12 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"csm_nnunet experiment: error: {e}", file=sys.stderr)
         return 1
-    cls_tag = f"_crop{args.crop}" if args.crop else ""
+    variant = variant_tag(args)
     if summary.get("grid"):
         print(markdown_grid(summary))
-        print(f"results: {join(os.path.abspath(args.out), grid_json_name(args.study, cls_tag))}")
+        print(f"results: {join(os.path.abspath(args.out), grid_json_name(args.study, variant))}")
         return 0
     print(markdown(summary))
-    name = "results.json" if args.study == "seg" else f"results_cls{cls_tag}.json"
+    name = f"results{variant}.json" if args.study == "seg" else f"results_cls{variant}.json"
     print(f"results: {join(os.path.abspath(args.out), name)}")
     return 0

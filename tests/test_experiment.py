@@ -453,3 +453,51 @@ def test_a_resumed_grid_keeps_the_pretraining_times_behind_earlier_arms(tmp_path
     assert summary["timings_s"]["pretrain CSMPretrainer_tiny"] == 600.0 and summary["compute_s"] == 850.0
     fresh = dataclasses.replace(added, args=argparse.Namespace(**{**vars(args), "resume": False}))
     assert write_grid(fresh, {"10": fraction({"train scratch_f10": 90.0})})["compute_s"] == 150.0
+
+
+def test_finetune_lr_reaches_the_fine_tuning_runs_only_under_their_own_names(tmp_path):
+    """``--finetune-lr`` must change the fine-tuning runs' lr (CSM_LR in their environment) and nothing else, and
+    put them beside the default-lr runs of the same work folder rather than on top of them: own results folder, log
+    and timing key (a shared key would let one overwrite the other's time in timings.json)."""
+    import argparse
+
+    from csm_nnunet.experiment import Context, add_arguments, settings_note, variant_tag, wall_note
+
+    calls: list[tuple[list[str], str, dict, str]] = []
+
+    def fake_run(cmd, results, extra=None, log_name="", epochs=None):
+        calls.append((cmd, results, dict(extra or {}), log_name))
+        return 12.5
+
+    def context(**over) -> Context:
+        args = argparse.Namespace(**{"study": "cls", "crop": 24, "finetune_lr": 1e-3, "epochs": 3, "iters": 2,
+                                     "device": "cpu", "pretrain_per_repeat": False, "pretrain_epochs": 5, **over})
+        ckpt = {("CSMPretrainer", "tiny8", 1, 5): str(tmp_path / "pre" / "checkpoint_final.pth")}
+        return Context(args, str(tmp_path), fake_run, "Dataset901_X", 901, {}, ".nii.gz", {}, {"finetune": 6},
+                       ["csm"], ckpt, {}, 0.0, fold=2, tag="_f10")
+
+    ctx = context()
+    results, res = ctx.train_arm("csm", "CSMClassifierTrainer", "CSMPretrainer", "tiny8")
+    cmd, folder, extra, log_name = calls[-1]
+    assert os.path.basename(results) == "cls_crop24_lr0.001_csm_f10" == os.path.basename(folder)
+    assert extra["CSM_LR"] == "0.001" and extra["CSM_CROP"] == "24" and "-pretrained_weights" in cmd
+    assert log_name == "train_cls_crop24_lr0.001_csm_f10" and res["finetune_lr"] == 1e-3
+    assert ctx.timings == {"train cls_crop24_lr0.001_csm_f10": 12.5}
+
+    default = context(finetune_lr=None)
+    default.train_arm("csm", "CSMClassifierTrainer", "CSMPretrainer", "tiny8")
+    assert "CSM_LR" not in calls[-1][2] and calls[-1][3] == "train_cls_crop24_csm_f10"
+    seg = context(study="seg", finetune_lr=None)  # --crop is a classifier setting: no suffix for seg
+    assert seg.run_name("csm") == "csm_f10" and variant_tag(seg.args) == ""
+    assert context(study="seg").run_name("scratch") == "scratch_lr0.001_f10"
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["cls", "--out", "x", "--finetune-lr", "2e-3"]).finetune_lr == 2e-3
+    for bad in ("0", "1.5", "fast"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["cls", "--out", "x", "--finetune-lr", bad])
+
+    footer = wall_note({"wall_s": 60, "finetune_lr": 1e-3, "environment": {"CSM_MASK_SEED": "7"}})
+    assert "fine-tuning peak lr 0.001" in footer and "CSM_MASK_SEED=7" in footer
+    assert settings_note({"finetune_lr": None, "environment": {}}) == ""
