@@ -225,7 +225,8 @@ def settings_note(summary: dict) -> str:
     if summary.get("environment"):
         parts.append("set in the environment of every run: "
                      + ", ".join(f"{k}={v}" for k, v in summary["environment"].items()))
-    return " " + "; ".join(parts) + "." if parts else ""
+    text = "; ".join(parts)
+    return f" {text[0].upper()}{text[1:]}." if parts else ""
 
 
 def earlier_summary(path: str, resume: bool) -> dict:

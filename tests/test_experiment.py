@@ -499,5 +499,5 @@ def test_finetune_lr_reaches_the_fine_tuning_runs_only_under_their_own_names(tmp
             parser.parse_args(["cls", "--out", "x", "--finetune-lr", bad])
 
     footer = wall_note({"wall_s": 60, "finetune_lr": 1e-3, "environment": {"CSM_MASK_SEED": "7"}})
-    assert "fine-tuning peak lr 0.001" in footer and "CSM_MASK_SEED=7" in footer
+    assert "min. Fine-tuning peak lr 0.001 (--finetune-lr); set in" in footer and "CSM_MASK_SEED=7" in footer
     assert settings_note({"finetune_lr": None, "environment": {}}) == ""
