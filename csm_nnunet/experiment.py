@@ -291,8 +291,12 @@ def write_splits(preprocessed_dataset: str, cases: list[str], n_val: int, n_labe
     """Held-out cases and the labelled subset, chosen by a seeded permutation (stated in the results).
 
     Folds of ``splits_final.json``: 0 trains on ``n_labelled`` cases, 1 on every non-held-out case (pretraining),
-    ``2 + i`` on ``fractions[i]`` percent of them (at least one case). The labelled subsets are nested prefixes of one
-    permutation, so a larger fraction adds cases to a smaller one instead of drawing others (Table V/VI style).
+    2, 3, ... on the label fractions (``fractions[i]`` percent of them, at least one case), returned as
+    ``fraction_folds``. A fraction keeps the fold an earlier invocation gave it when folds 0 and 1 are unchanged
+    (same cases, seed and held-out set), and new fractions are appended: results folders hold ``fold_<k>``, so
+    running ``--fractions 100`` after ``--fractions 10,50,100`` must not renumber 100 % to fold 2 and lose its runs.
+    The labelled subsets are nested prefixes of one permutation, so a larger fraction adds cases to a smaller one
+    instead of drawing others (Table V/VI style).
     With ``strata`` (case -> class, dataset.json's ``classification_labels``) that permutation takes the classes in
     turn, so even a 2-case fraction holds both classes of a binary task."""
     if n_val < 1 or n_labelled < 1 or n_val + n_labelled > len(cases):
@@ -306,10 +310,21 @@ def write_splits(preprocessed_dataset: str, cases: list[str], n_val: int, n_labe
     ranked = _interleave_classes(pool, strata) if strata else pool
     by_fraction = {str(f): sorted(ranked[: max(1, round(f / 100 * len(pool)))]) for f in fractions}
     splits = [{"train": labelled, "val": val}, {"train": sorted(pool), "val": val}]
-    splits += [{"train": train, "val": val} for train in by_fraction.values()]
-    write_text_atomically(join(preprocessed_dataset, "splits_final.json"), json.dumps(splits, indent=1))
+    path = join(preprocessed_dataset, "splits_final.json")
+    if isfile(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if isinstance(earlier, list) and earlier[:2] == splits:
+            splits = earlier
+    fraction_folds = {}
+    for pct, train in by_fraction.items():
+        fold = {"train": train, "val": val}
+        if fold not in splits[2:]:
+            splits.append(fold)
+        fraction_folds[pct] = 2 + splits[2:].index(fold)
+    write_text_atomically(path, json.dumps(splits, indent=1))
     out = {"val": val, "labelled": labelled, "pretraining": sorted(pool)}
-    return {**out, "fractions": by_fraction} if fractions else out
+    return {**out, "fractions": by_fraction, "fraction_folds": fraction_folds} if fractions else out
 
 
 def _interleave_classes(cases: list[str], strata: dict[str, int]) -> list[str]:
@@ -738,8 +753,9 @@ def run_experiment(args: argparse.Namespace) -> dict:
         return study(ctx)
     # one fine-tuning fold per label fraction, the same held-out cases and pretraining runs for all
     grid = {}
-    for i, (pct, labelled) in enumerate(ctx.split["fractions"].items()):
-        sub = dataclasses.replace(ctx, split={**ctx.split, "labelled": labelled}, fold=2 + i, tag=f"_f{pct}",
+    for pct, labelled in ctx.split["fractions"].items():
+        sub = dataclasses.replace(ctx, split={**ctx.split, "labelled": labelled},
+                                  fold=ctx.split["fraction_folds"][pct], tag=f"_f{pct}",
                                   timings={}, t_start=time.time())
         print(f"--- label fraction {pct} %: {len(labelled)} labelled cases (fold {sub.fold})", flush=True)
         grid[pct] = study(sub)

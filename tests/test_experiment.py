@@ -284,6 +284,14 @@ def test_label_fractions_are_nested_folds_after_the_two_fixed_ones(tmp_path):
     assert set(f10) < set(f50) < set(f100) == set(split["pretraining"])
     assert [fold["train"] for fold in folds[2:]] == [f10, f50, f100]
     assert all(fold["val"] == split["val"] for fold in folds)
+    assert split["fraction_folds"] == {"10": 2, "50": 3, "100": 4}
+    # one fraction again (or a new one) keeps the folds the first invocation's results folders refer to
+    again = write_splits(str(tmp_path), cases, n_val=4, n_labelled=3, seed=1, fractions=(25, 100))
+    assert again["fraction_folds"] == {"25": 5, "100": 4} and again["fractions"]["100"] == f100
+    assert json.load(open(tmp_path / "splits_final.json"))[:5] == folds
+    # another held-out set starts the folds afresh
+    other = write_splits(str(tmp_path), cases, n_val=5, n_labelled=3, seed=1, fractions=(100,))
+    assert other["fraction_folds"] == {"100": 2} and len(json.load(open(tmp_path / "splits_final.json"))) == 3
     tiny = write_splits(str(tmp_path), cases[:5], n_val=2, n_labelled=1, seed=1, fractions=(10,))
     assert len(tiny["fractions"]["10"]) == 1  # at least one labelled case
     with pytest.raises(ValueError, match="percentages"):
