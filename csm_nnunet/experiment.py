@@ -487,14 +487,15 @@ class Context:
     def train_arm(self, arm: str, trainer: str, pretrainer: str | None, preset: str) -> tuple[str, dict]:
         """Fine-tune one arm on fold 0 (skipped when its checkpoint_final exists); returns its results folder and
         the results-json stub."""
-        results = join(self.out, "results", self.run_name(arm))
+        run_name = self.run_name(arm)
+        results = join(self.out, "results", run_name)
         extra = {**self.length(self.args.epochs), "CSM_PRESET": preset}
         if self.args.study == "cls" and getattr(self.args, "crop", None):
             extra["CSM_CROP"] = str(self.args.crop)
         if getattr(self.args, "finetune_lr", None):
             extra["CSM_LR"] = repr(self.args.finetune_lr)
         fold_dir = join(results, self.name, f"{trainer}__{PLANS}__{CONFIG}", f"fold_{self.fold}")
-        timing_key = f"train {self.run_name(arm)}"
+        timing_key = f"train {run_name}"
         if isfile(join(fold_dir, "checkpoint_final.pth")):
             reuse_timing(self.out, self.timings, timing_key)
         else:
@@ -510,7 +511,7 @@ class Context:
                     weights = exported
                 cmd += ["-pretrained_weights", weights]
             record_timing(self.out, self.timings, timing_key,
-                          self.run(cmd, results, extra, f"train_{self.run_name(arm)}", epochs=self.args.epochs))
+                          self.run(cmd, results, extra, f"train_{run_name}", epochs=self.args.epochs))
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
             ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"],
             "finetune_lr": getattr(self.args, "finetune_lr", None)}
@@ -659,7 +660,8 @@ def run_segmentation(ctx: Context) -> dict:
     regions = REGIONS.get(kind, {})
     labels_dir = join(ctx.out, "raw", name, "labelsTr")
     val_images = ctx.missing_inputs()
-    results_json = join(ctx.out, f"results{ctx.variant}{ctx.tag}.json")
+    stem = results_stem("seg", ctx.variant, ctx.tag)
+    results_json = join(ctx.out, stem + ".json")
     summary = ctx.summary(results_json)
     summary["regions"] = {k: list(v) for k, v in regions.items()}
     summary["case_classes"] = held_out_classes(ds, ctx.split["val"])
@@ -667,10 +669,11 @@ def run_segmentation(ctx: Context) -> dict:
         trainer, pretrainer, preset = arm_spec(arm)
         preset = preset or args.preset
         results, arm_res = ctx.train_arm(arm, trainer, pretrainer, preset)
+        run_name = ctx.run_name(arm)
         arm_res["dice"] = {}
         for label, folder in val_images.items():
-            pred = join(ctx.out, "predictions", ctx.run_name(arm), label.replace(" ", "_"))
-            key = f"predict {ctx.run_name(arm)} {label}"
+            pred = join(ctx.out, "predictions", run_name, label.replace(" ", "_"))
+            key = f"predict {run_name} {label}"
             if isdir(pred) and any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
                 reuse_timing(ctx.out, ctx.timings, key)
             else:
@@ -678,12 +681,12 @@ def run_segmentation(ctx: Context) -> dict:
                     ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", str(ctx.fold), "-tr", trainer,
                      "-p", PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1",
                      "-nps", "1"],
-                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{ctx.run_name(arm)}"))
+                    results, {**ctx.length(args.epochs), "CSM_PRESET": preset}, f"predict_{run_name}"))
             arm_res["dice"][label], arm_res.setdefault("cases", {})[label] = region_dice(
                 labels_dir, pred, ds["labels"], regions, ctx.file_ending)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
-    ctx.finish(summary, results_json, f"results{ctx.variant}{ctx.tag}.md")
+    ctx.finish(summary, results_json, stem + ".md")
     return summary
 
 
@@ -699,31 +702,33 @@ def run_classification(ctx: Context) -> dict:
     args = ctx.args
     truth, class_names = read_class_labels(ctx.ds, sorted(set(ctx.split["val"]) | set(ctx.split["pretraining"])))
     inputs = ctx.missing_inputs()
-    results_json = join(ctx.out, f"results_cls{ctx.variant}{ctx.tag}.json")
+    stem = results_stem("cls", ctx.variant, ctx.tag)
+    results_json = join(ctx.out, stem + ".json")
     summary = ctx.summary(results_json)
     for arm in ctx.arms:
         trainer, pretrainer, preset = arm_spec(arm, "cls")
         preset = preset or args.preset
         results, arm_res = ctx.train_arm(arm, trainer, pretrainer, preset)
         model = join(results, ctx.name, f"{trainer}__{PLANS}__{CONFIG}")
+        run_name = ctx.run_name(arm)
         arm_res["metrics"] = {}
         for label, folder in inputs.items():
-            csv_path = join(ctx.out, "predictions", ctx.run_name(arm), label.replace(" ", "_") + ".csv")
+            csv_path = join(ctx.out, "predictions", run_name, label.replace(" ", "_") + ".csv")
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-            key = f"classify {ctx.run_name(arm)} {label}"
+            key = f"classify {run_name} {label}"
             if isfile(csv_path):
                 reuse_timing(ctx.out, ctx.timings, key)
             else:
                 record_timing(ctx.out, ctx.timings, key, ctx.run(
                     ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", str(ctx.fold),
                      "--masks", join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
-                    {"CSM_PRESET": preset}, f"classify_{ctx.run_name(arm)}"))
+                    {"CSM_PRESET": preset}, f"classify_{run_name}"))
             cases, probs = _read_probabilities(csv_path, class_names)
             arm_res["metrics"][label] = classification_metrics([truth[c] for c in cases], probs, class_names)
         summary["arms"][arm] = arm_res
         write_text_atomically(results_json, json.dumps(summary, indent=1))
     summary["crop"] = getattr(args, "crop", None)
-    ctx.finish(summary, results_json, f"results_cls{ctx.variant}{ctx.tag}.md")
+    ctx.finish(summary, results_json, stem + ".md")
     return summary
 
 
@@ -770,6 +775,12 @@ def variant_tag(args: argparse.Namespace) -> str:
     crop = getattr(args, "crop", None) if args.study == "cls" else None
     lr = getattr(args, "finetune_lr", None)
     return (f"_crop{crop}" if crop else "") + (f"_lr{lr:g}" if lr else "")
+
+
+def results_stem(study: str, variant: str = "", tag: str = "") -> str:
+    """``results[_cls]<variant><tag>``: one study's results file name without .json/.md/.png, the one place that
+    names it (the studies write it, ``run`` prints it)."""
+    return f"results{'' if study == 'seg' else '_cls'}{variant}{tag}"
 
 
 def grid_json_name(study: str, variant: str = "") -> str:
@@ -1235,13 +1246,13 @@ def _at_least_one(text: str) -> int:
 
 
 def _learning_rate(text: str) -> float:
+    """``--finetune-lr`` reaches the trainers as ``CSM_LR``, so it is checked by the parser they use for it."""
+    from csm_nnunet.overrides import read_env_overrides
+
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a learning rate in (0, 1), e.g. 1e-3")
-    return value
+        return read_env_overrides({"CSM_LR": text})["initial_lr"]
+    except (ValueError, KeyError):  # KeyError: an empty value, which the environment reader treats as unset
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a learning rate in (0, 1), e.g. 1e-3") from None
 
 
 def _percentages(text: str) -> list[int]:
@@ -1286,6 +1297,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"results: {join(os.path.abspath(args.out), grid_json_name(args.study, variant))}")
         return 0
     print(markdown(summary))
-    name = f"results{variant}.json" if args.study == "seg" else f"results_cls{variant}.json"
+    name = results_stem(args.study, variant) + ".json"
     print(f"results: {join(os.path.abspath(args.out), name)}")
     return 0
