@@ -756,8 +756,9 @@ def run_experiment(args: argparse.Namespace) -> dict:
     study = run_segmentation if args.study == "seg" else run_classification
     if not ctx.split.get("fractions"):
         return study(ctx)
-    # one fine-tuning fold per label fraction, the same held-out cases and pretraining runs for all
-    grid = {}
+    # one fine-tuning fold per label fraction, the same held-out cases and pretraining runs for all; a --resume starts
+    # from the fractions earlier invocations finished and this one does not rerun, so the grid keeps every column
+    grid = earlier_fractions(ctx)
     for pct, labelled in ctx.split["fractions"].items():
         sub = dataclasses.replace(ctx, split={**ctx.split, "labelled": labelled},
                                   fold=ctx.split["fraction_folds"][pct], tag=f"_f{pct}",
@@ -766,6 +767,33 @@ def run_experiment(args: argparse.Namespace) -> dict:
         grid[pct] = study(sub)
         summary = write_grid(ctx, grid)  # after every fraction, so a stopped run still has its grid table
     return summary
+
+
+def earlier_fractions(ctx: Context) -> dict[str, dict]:
+    """With ``--resume``: the per-fraction summaries (``results[_cls]<variant>_f<pct>.json``) of the fractions the
+    grid of an earlier invocation showed and this one was not asked for, e.g. 10 and 50 % when ``--fractions 100``
+    follows ``--fractions 10,50,100``. Without them the grid this invocation writes would hold 100 % alone.
+
+    A fraction is kept only while its results still describe the folder's split: the same held-out cases and the
+    same labelled cases as its fold of ``splits_final.json`` (a split seed or case count changed since rewrites the
+    folds, and its runs then no longer belong to this grid) and the same pretraining and fine-tuning steps."""
+    earlier = earlier_summary(join(ctx.out, grid_json_name(ctx.args.study, ctx.variant)), ctx.args.resume)
+    with open(join(ctx.out, "preprocessed", ctx.name, "splits_final.json")) as f:
+        folds = json.load(f)
+    kept = {}
+    for pct, entry in earlier.get("fractions", {}).items():
+        path = join(ctx.out, results_stem(ctx.args.study, ctx.variant, f"_f{pct}") + ".json")
+        if pct in ctx.split["fractions"] or not isfile(path):
+            continue
+        with open(path) as f:
+            summary = json.load(f)
+        fold, split = summary.get("fold"), summary.get("split", {})
+        if (fold == entry.get("fold") and isinstance(fold, int) and 2 <= fold < len(folds)
+                and summary.get("steps") == ctx.steps
+                and split.get("val") == ctx.split["val"] == folds[fold]["val"]
+                and split.get("labelled") == folds[fold]["train"]):
+            kept[pct] = summary
+    return kept
 
 
 def variant_tag(args: argparse.Namespace) -> str:
@@ -795,8 +823,10 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     # a --resume keeps the arms of earlier invocations in the tables, so it keeps the planning and pretraining times
     # behind them too (this invocation may not have run them: an added scratch arm pretrains nothing)
     kept = earlier_summary(join(ctx.out, name), ctx.args.resume).get("timings_s", {})
-    summary = {"study": ctx.args.study, "dataset": ctx.name, "grid": True,
-               "split": {k: ctx.split[k] for k in ("val", "pretraining", "fractions")}, "steps": ctx.steps,
+    grid = dict(sorted(grid.items(), key=lambda item: float(item[0])))  # columns in label order, kept ones too
+    split = {"val": ctx.split["val"], "pretraining": ctx.split["pretraining"],
+             "fractions": {pct: s["split"]["labelled"] for pct, s in grid.items()}}
+    summary = {"study": ctx.args.study, "dataset": ctx.name, "grid": True, "split": split, "steps": ctx.steps,
                "preset": ctx.args.preset, "seeds": getattr(ctx.args, "seeds", 1),
                "pretrain_per_repeat": bool(ctx.args.pretrain_per_repeat),
                "finetunes_per_encoder": getattr(ctx.args, "finetunes_per_encoder", 1), "machine": first["machine"],

@@ -463,6 +463,52 @@ def test_a_resumed_grid_keeps_the_pretraining_times_behind_earlier_arms(tmp_path
     assert write_grid(fresh, {"10": fraction({"train scratch_f10": 90.0})})["compute_s"] == 150.0
 
 
+def test_a_grid_resumed_with_other_fractions_keeps_the_columns_earlier_invocations_finished(tmp_path, monkeypatch):
+    """``--fractions 100`` after ``--fractions 10,50,100`` (to add runs at 100 %) wrote a grid of 100 % alone; the
+    10 and 50 % results were still in the folder. A resumed grid keeps them while they match the folder's split."""
+    import argparse
+
+    from csm_nnunet import experiment as ex
+
+    cases = [f"case_{i:03d}" for i in range(24)]
+    (tmp_path / "preprocessed" / "D").mkdir(parents=True)
+    machine = {"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}
+    auc = {"10": 0.6, "25": 0.65, "50": 0.7, "100": 0.9}
+
+    def fake_study(sub: ex.Context) -> dict:  # what run_classification writes per fraction, without training
+        pct = sub.tag[len("_f"):]
+        summary = {"split": {"val": sub.split["val"], "labelled": sub.split["labelled"]}, "fold": sub.fold,
+                   "steps": sub.steps, "machine": machine, "timings_s": {f"train cls_csm{sub.tag}": 10.0},
+                   "arms": {"csm": {"metrics": {"complete": dict(auc=auc[pct], accuracy=0.5, sensitivity=1.0,
+                                                                         specificity=0.0)}}}}
+        (tmp_path / f"results_cls{sub.tag}.json").write_text(json.dumps(summary))
+        return summary
+
+    def grid(fractions: tuple[int, ...], resume: bool = True, seed: int = 1, finetune: int = 4) -> dict:
+        args = argparse.Namespace(study="cls", preset="tiny", seeds=1, pretrain_per_repeat=True, resume=resume,
+                                  crop=None, finetune_lr=None)
+        split = ex.write_splits(str(tmp_path / "preprocessed" / "D"), cases, 4, 3, seed, fractions)
+        ctx = ex.Context(args, str(tmp_path), None, "D", 1, {}, ".nii.gz", split,
+                         {"pretrain": 8, "finetune": finetune}, ["csm"], {}, {}, 0.0)
+        monkeypatch.setattr(ex, "prepare", lambda _: ctx)
+        return ex.run_experiment(args)
+
+    monkeypatch.setattr(ex, "run_classification", fake_study)
+    assert list(grid((10, 50, 100))["fractions"]) == ["10", "50", "100"]
+    again = grid((100,))
+    assert list(again["fractions"]) == ["10", "50", "100"] and again["compute_s"] == 30.0
+    assert {pct: f["fold"] for pct, f in again["fractions"].items()} == {"10": 2, "50": 3, "100": 4}
+    assert again["split"]["fractions"]["50"] == json.loads((tmp_path / "results_cls_f50.json").read_text())[
+        "split"]["labelled"]
+    assert "| csm | 0.600 | 0.700 | 0.900 |" in (tmp_path / "results_grid_cls.md").read_text()
+    assert list(grid((25,))["fractions"]) == ["10", "25", "50", "100"]  # a new fraction goes in label order
+    assert list(grid((25,), resume=False)["fractions"]) == ["25"]
+    # results that no longer describe the folder are not carried: other fine-tuning steps, then another split
+    assert list(grid((10,), finetune=8)["fractions"]) == ["10"]
+    grid((10, 50, 100))
+    assert list(grid((100,), seed=2)["fractions"]) == ["100"]
+
+
 def test_finetune_lr_reaches_the_fine_tuning_runs_only_under_their_own_names(tmp_path):
     """``--finetune-lr`` must change the fine-tuning runs' lr (CSM_LR in their environment) and nothing else, and
     put them beside the default-lr runs of the same work folder rather than on top of them: own results folder, log
