@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Where do the series tokens look? Attention mass of frozen encoders by (series, position) relation.
+
+Why: on the synthetic brain data the enhancing compartment and the benign/malignant class are readable only from
+T1ce against T1 *at the same voxels*. A channel-fused token holds both in one input vector; a series token must
+fetch the other series' token at its own position through attention, found only through the position code. The
+experiments (docs/experiments.md) found the channel-fused classifier ahead of the series-tokenised one from scratch,
+and CSM pretraining no better than scratch on the compartments. Cross-series masking hides a region in one series
+while it stays visible in another, so reconstructing it should teach exactly that fetch: "same position, other
+series". This script measures whether the pretrained (or fine-tuned) encoders attend that way, against randomly
+initialised ones and against uniform attention.
+
+For every encoder (``--checkpoint NAME=PATH`` pretraining checkpoints, ``--finetuned NAME=PATH`` nnU-Net fine-tuning
+checkpoints whose encoder is read from ``network_weights``, ``--random N`` fresh encoders of the reference's preset)
+it encodes every token of the held-out cases (one whole patch per case, all series present, eval mode) and, in each
+block, recomputes the softmax attention of every head from that block's own query/key projections. Each query
+token's attention is split by the key's relation to it:
+
+* ``self``; ``same position, other series`` (the cross-series fetch); ``same series, other positions``;
+  ``other series, other positions``; and ``same series, neighbour positions`` (the 26 grid neighbours, a subset of
+  the third), each averaged over queries, heads and cases;
+* ``same position, other series`` also for the single head that puts most on it (a head dedicated to the fetch
+  is what a downstream head can use), and under uniform attention (``(S-1) / (S N)``);
+* ``largest weight``: the mean over queries of the largest single attention weight (``1 / (S N)`` if uniform);
+  ``most-attended key``: the share of all queries' attention that the one most-attended key receives (per head,
+  then averaged): near ``largest weight`` when every query looks at the same token (an attention sink).
+
+A channel-fused pretraining checkpoint (``MAEPretrainer``) is measured on its own ``N`` tokens (no "other series").
+For pretraining checkpoints of series tokens it also measures the pretraining decoder (:func:`decoder_attention`).
+
+Usage (the 96-unlabelled-case folder of docs/experiments.md)::
+
+    E=/work/exp_big; R=$E/results; F=Dataset901_CSMExpBrain/CSMPretrainer__nnUNetCSMPlans__3d_fullres/fold_1
+    python benchmarks/probe_attention.py --preprocessed $E/preprocessed/Dataset901_CSMExpBrain --random 3 \\
+        --checkpoint csm@1=$R/pretrain_CSMPretrainer_tiny8/$F/checkpoint_final.pth ... \\
+        --out benchmarks/results/probe_attention_synthetic_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_pretrain as bp  # noqa: E402  (machine description, git state)
+import probe_encoder as pe  # noqa: E402  (case loading, encoder construction: the linear probes' own)
+
+from csm_nnunet.fileio import write_json_atomically  # noqa: E402
+
+RELATIONS = ("self", "same position, other series", "same series, other positions",
+             "other series, other positions", "same series, neighbour positions")
+
+
+def relation_masks(num_series: int, grid: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Boolean ``[T, T]`` (query, key) masks of each relation for ``T = S * N`` tokens in series-major order (the
+    encoder's order with every series present)."""
+    n = int(np.prod(grid))
+    series = torch.arange(num_series * n) // n
+    pos = torch.arange(num_series * n) % n
+    coords = torch.stack(torch.unravel_index(pos, grid), 1)
+    same_s, same_p = series[:, None] == series[None], pos[:, None] == pos[None]
+    chebyshev = (coords[:, None] - coords[None]).abs().amax(-1)
+    return {"self": same_s & same_p, "same position, other series": same_p & ~same_s,
+            "same series, other positions": same_s & ~same_p, "other series, other positions": ~same_s & ~same_p,
+            "same series, neighbour positions": same_s & (chebyshev == 1)}
+
+
+def attention_weights(attn: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention ``[B, H, T, T]`` of a timm ``EvaAttention`` on its (already normed) input ``x``, computed
+    the way its forward computes it (fused qkv or separate projections, q/k norms, rotary codes)."""
+    from timm.layers import apply_rot_embed_cat
+
+    B, T, _ = x.shape
+    H = attn.num_heads
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = torch.nn.functional.linear(x, attn.qkv.weight, bias if bias is not None else attn.qkv.bias)
+        q, k, _ = qkv.reshape(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = attn.q_proj(x).reshape(B, T, H, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(B, T, H, -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        half = getattr(attn, "rotate_half", False)
+        q, k = apply_rot_embed_cat(q, rope, half=half), apply_rot_embed_cat(k, rope, half=half)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+@torch.no_grad()
+def attention_mass(net, images: np.ndarray, masks: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per block: each relation's attention mass (mean over cases, heads, queries) and, for the cross-series fetch,
+    the largest mean mass of any one head."""
+    from csm_nnunet.network import rope_for
+
+    depth = len(net.eva.blocks)
+    sums = {r: torch.zeros(depth) for r in masks}
+    per_head, top, sink = torch.zeros(depth, net.preset.num_heads), torch.zeros(depth), torch.zeros(depth)
+    for i in range(len(images)):
+        x, _, groups = net._prepare_inputs(torch.from_numpy(images[i: i + 1]), None)
+        with captured_inputs(net.eva.blocks) as inputs:
+            net.forward_encoder(x, groups, (depth,))
+        n = net.num_patches
+        rope = rope_for(net.eva, torch.arange(groups.shape[1] * n)[None] % n)
+        for d, (blk, h) in enumerate(zip(net.eva.blocks, inputs)):
+            w = attention_weights(blk.attn, h, rope)[0]  # [H, T, T]
+            for r, m in masks.items():
+                sums[r][d] += (w * m).sum(-1).mean().item()
+            per_head[d] += (w * masks["same position, other series"]).sum(-1).mean(-1)
+            top[d] += w.amax(-1).mean().item()
+            sink[d] += w.mean(-2).amax(-1).mean().item()
+    k = len(images)
+    return [{**{r: round(float(sums[r][d] / k), 4) for r in masks},
+             "same position, other series: best head": round(float(per_head[d].max() / k), 4),
+             "largest weight": round(float(top[d] / k), 4),
+             "most-attended key": round(float(sink[d] / k), 4)} for d in range(depth)]
+
+
+class captured_inputs:
+    """Context manager: the input of every block's attention module (after the block's norm) in call order."""
+
+    def __init__(self, blocks: torch.nn.ModuleList):
+        self.blocks, self.inputs, self.hooks = blocks, [], []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        self.hooks = [blk.attn.register_forward_pre_hook(lambda _m, args: self.inputs.append(args[0]))
+                      for blk in self.blocks]
+        return self.inputs
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+@torch.no_grad()
+def decoder_attention(path: str, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
+    """The pretraining decoder at work: with CSM masks drawn as in training (the checkpoint's own network, default
+    masker), where do the *hidden* tokens it must reconstruct look? Mass on visible tokens at the same position
+    (other series: the cross-series fetch), on visible tokens of the same series at the 26 neighbour positions, on
+    any visible token, and what uniform attention over the same keys would give. Per block, mean over heads, hidden
+    queries and cases."""
+    from csm_nnunet.masking import CrossSeriesMasker
+    from csm_nnunet.network import CSMMaskedAutoencoder, ViTPreset, rope_for
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = ckpt["csm_network"]
+    net = CSMMaskedAutoencoder(cfg["series_names"], cfg["patch_size"], ViTPreset(**cfg["preset"]),
+                               token_size=cfg["token_size"], norm_pix_loss=cfg.get("norm_pix_loss", False))
+    net.load_state_dict(ckpt["network_weights"])
+    net.eval()
+    S, N = net.num_groups, net.num_patches
+    rel = relation_masks(S, net.grid)
+    same_p, near = rel["same position, other series"], rel["same series, neighbour positions"]
+    masker, gen = CrossSeriesMasker(), torch.Generator().manual_seed(seed)
+    rope = rope_for(net.decoder, torch.arange(N).repeat(S)[None])
+    names = ("visible, same position, other series", "visible, same series, neighbour positions", "any visible")
+    sums = {k: torch.zeros(len(net.decoder.blocks)) for k in names}
+    base = {k: 0.0 for k in names}
+    for i in range(len(images)):
+        mask = masker(1, S, N, generator=gen)
+        with captured_inputs(net.decoder.blocks) as inputs:
+            net(torch.from_numpy(images[i: i + 1]), mask)
+        visible, hidden = mask.visible.reshape(S * N), mask.scored.reshape(S * N)
+        keys = {names[0]: same_p & visible[None], names[1]: near & visible[None],
+                names[2]: visible[None].expand(S * N, S * N)}
+        for k, m in keys.items():
+            base[k] += m[hidden].float().sum(-1).mean().item() / (S * N)
+        for d, (blk, h) in enumerate(zip(net.decoder.blocks, inputs)):
+            w = attention_weights(blk.attn, h, rope)[0][:, hidden]  # [H, hidden queries, T]
+            for k, m in keys.items():
+                sums[k][d] += (w * m[hidden]).sum(-1).mean().item()
+    n = len(images)
+    return [{**{k: round(float(sums[k][d] / n), 4) for k in names},
+             **{f"uniform: {k}": round(base[k] / n, 4) for k in names}} for d in range(len(net.decoder.blocks))]
+
+
+def load_finetuned_encoder(path: str, net: torch.nn.Module) -> None:
+    """Copy the encoder tensors of an nnU-Net fine-tuning checkpoint (``network_weights``) into ``net``; every
+    encoder tensor must be there with its shape, else the checkpoint is not of this encoder."""
+    weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    state = net.state_dict()
+    missing = [k for k in state if k not in weights or weights[k].shape != state[k].shape]
+    if missing:
+        raise SystemExit(f"{path}: not a fine-tuned network of this encoder (missing or other shape: {missing[:5]})")
+    net.load_state_dict({k: weights[k] for k in state})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preprocessed", required=True, help="nnU-Net preprocessed dataset folder (DatasetXXX_Name)")
+    parser.add_argument("--plans", default=pe.PLANS)
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="a pretraining checkpoint (repeatable; the first is the reference network)")
+    parser.add_argument("--finetuned", action="append", default=[], metavar="NAME=PATH",
+                        help="an nnU-Net checkpoint of a fine-tuned CSM network (repeatable)")
+    parser.add_argument("--random", type=int, default=0, help="also N randomly initialised encoders")
+    parser.add_argument("--fold", type=int, default=1, help="splits_final.json fold whose val cases are encoded")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--out", required=True, help="results JSON (written atomically)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+
+    with open(os.path.join(args.preprocessed, "splits_final.json")) as f:
+        cases = sorted(json.load(f)[args.fold]["val"])
+    with open(os.path.join(args.preprocessed, "dataset.json")) as f:
+        dataset = json.load(f)
+    series = [dataset["channel_names"][k] for k in sorted(dataset["channel_names"], key=int)]
+    encoders: list[tuple[str, str, str | None]] = []  # name, kind, path
+    for kind, items in (("pretrained", args.checkpoint), ("fine-tuned", args.finetuned)):
+        for item in items:
+            name, sep, path = item.partition("=")
+            if not sep or not os.path.isfile(path):
+                raise SystemExit(f"--{'checkpoint' if kind == 'pretrained' else 'finetuned'} {item!r}: expected "
+                                 "NAME=PATH to an existing checkpoint file")
+            encoders.append((name, kind, path))
+    if not args.checkpoint:
+        raise SystemExit("give at least one --checkpoint NAME=PATH (its network config is the reference)")
+    ref = torch.load(args.checkpoint[0].partition("=")[2], map_location="cpu", weights_only=False)["csm_network"]
+    if ref.get("fused"):
+        raise SystemExit("the first --checkpoint has channel-fused tokens; give a CSM (series-token) one first")
+    patch, token = tuple(int(p) for p in ref["patch_size"]), int(ref["token_size"])
+    grid = tuple(p // token for p in patch)
+    encoders += [(f"random{i + 1}", "random", None) for i in range(args.random)]
+    images, _ = pe.load_cases(args.preprocessed, args.plans, cases, patch)
+    masks = relation_masks(len(series), grid)
+    tokens = len(series) * int(np.prod(grid))
+    uniform = {r: round(float(m.sum(-1).float().mean() / tokens), 4) for r, m in masks.items()}
+    bp.log(f"{len(cases)} held-out cases, {tokens} tokens each; uniform attention {uniform}")
+
+    from csm_nnunet.adapt import load_pretrained_checkpoint
+
+    results: dict[str, Any] = {}
+    fused_masks = relation_masks(1, grid)  # a channel-fused encoder (MAEPretrainer): one token per position
+    for i, (name, kind, path) in enumerate(encoders):
+        torch.manual_seed(1000 + i)
+        fused = kind == "pretrained" and bool(
+            torch.load(path, map_location="cpu", weights_only=False)["csm_network"].get("fused"))
+        net = pe.build_encoder(series, patch, ref["preset"]["name"], token, fused)
+        if kind == "pretrained":
+            load_pretrained_checkpoint(path, net, series, log=None)
+        elif kind == "fine-tuned":
+            load_finetuned_encoder(path, net)
+        results[name] = {"kind": kind, "checkpoint": path, "fused": fused,
+                         "blocks": attention_mass(net.eval(), images, fused_masks if fused else masks)}
+        if kind == "pretrained" and not fused:
+            results[name]["decoder"] = decoder_attention(path, images)
+        last = results[name]["blocks"]
+        bp.log(f"{name}: same position, other series per block "
+               + " / ".join(f"{b['same position, other series']:.3f}" for b in last))
+    out = {"what": "attention mass of frozen encoders by the key's (series, position) relation to the query, "
+                   "mean over held-out cases, heads and queries", "series": series, "cases": cases,
+           "patch": list(patch), "token": token, "preset": ref["preset"]["name"], "uniform": uniform,
+           "uniform fused": {r: round(float(m.sum(-1).float().mean() / len(m)), 4) for r, m in fused_masks.items()},
+           "encoders": results, "seconds": round(time.time() - t0, 1), "machine": bp.machine_info(),
+           "git": bp.git_info()}
+    write_json_atomically(args.out, out)
+    print(markdown(out))
+    return 0
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """One row per encoder and block: the relation masses, uniform attention as the first row."""
+    cols = [*RELATIONS, "same position, other series: best head", "largest weight", "most-attended key"]
+    uniform = {**res["uniform"], cols[-3]: res["uniform"][RELATIONS[1]], cols[-2]: res["uniform"]["self"],
+               cols[-1]: res["uniform"]["self"]}
+    lines = ["| encoder | block | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|",
+             "| uniform | - | " + " | ".join(f"{uniform[c]:.4f}" for c in cols) + " |"]
+    if any(e.get("fused") for e in res["encoders"].values()):
+        fused = {**res["uniform fused"], cols[-3]: 0.0, cols[-2]: res["uniform fused"]["self"],
+                 cols[-1]: res["uniform fused"]["self"]}
+        lines.append("| uniform, fused tokens | - | " + " | ".join(f"{fused[c]:.4f}" for c in cols) + " |")
+    for name, entry in res["encoders"].items():
+        for d, block in enumerate(entry["blocks"], start=1):
+            kind = entry["kind"] + (", fused: one token per position" if entry.get("fused") else "")
+            lines.append(f"| {name} ({kind}) | {d} | " + " | ".join(f"{block[c]:.4f}" for c in cols) + " |")
+    decoders = {name: e["decoder"] for name, e in res["encoders"].items() if "decoder" in e}
+    if decoders:
+        keys = [k for k in next(iter(decoders.values()))[0] if not k.startswith("uniform: ")]
+        lines += ["", "Pretraining decoder, hidden queries (uniform attention over the same keys in brackets):", "",
+                  "| pretraining run | decoder block | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        for name, blocks in decoders.items():
+            for d, block in enumerate(blocks, start=1):
+                lines.append(f"| {name} | {d} | " + " | ".join(f"{block[k]:.4f} ({block['uniform: ' + k]:.4f})"
+                                                               for k in keys) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
