@@ -58,8 +58,9 @@ class CSMClassificationNetwork(SeriesTokenEncoder):
     def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
                  token_size: int | None = None, series_names: Sequence[str] | None = None,
                  fused_tokens: bool = False, dropout: float = 0.0, pooling: str = "centre",
-                 centre_sigma: float = 0.5):
-        super().__init__(num_series, patch_size, preset, token_size, series_names, fused_tokens)
+                 centre_sigma: float = 0.5, same_position_bias: bool = False):
+        super().__init__(num_series, patch_size, preset, token_size, series_names, fused_tokens,
+                         same_position_bias=same_position_bias)
         self.num_classes = int(num_classes)
         if self.num_classes < 2:
             raise ValueError(f"a classifier needs >= 2 classes, got num_classes={num_classes}")

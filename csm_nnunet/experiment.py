@@ -76,6 +76,9 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer", None),
     "scratch-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", None, None),
     "mae-nodrop-decfirst": ("CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst", "MAEPretrainer", None),
+    "scratch-nodrop-posbias": ("CSMSegTrainer_NoSeriesDropout_SamePositionBias", None, None),
+    "csm-nodrop-decfirst-posbias": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias", "CSMPretrainer",
+                                    None),
     "scratch-drop10": ("CSMSegTrainer_SeriesDropout10", None, None),
     "csm-drop10": ("CSMSegTrainer_SeriesDropout10", "CSMPretrainer", None),
     "primus-scratch": ("nnUNet_Primus_S_Trainer_CSMBudget", None, "PrimusS"),
@@ -105,6 +108,8 @@ CLS_ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-layerdecay": ("CSMClassifierTrainer_LayerDecay", "CSMPretrainer", None),
     "csm-headfirst": ("CSMClassifierTrainer_HeadFirst", "CSMPretrainer", None),
     "scratch-headfirst": ("CSMClassifierTrainer_HeadFirst", None, None),
+    "scratch-posbias": ("CSMClassifierTrainer_SamePositionBias", None, None),
+    "csm-posbias": ("CSMClassifierTrainer_SamePositionBias", "CSMPretrainer", None),
     **{arm: ("CSMClassifierTrainer", pretrainer, None) for arm, pretrainer in ABLATIONS.items()},
 }
 #: ``--grid``: the paper's rows (full CSM, its ablations, channel-fused MAE, scratch) plus the channel-fused ViT and,

@@ -86,7 +86,8 @@ def finetune_param_groups(network: torch.nn.Module, weight_decay: float, layer_d
     for name, p in network.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if p.ndim < 2 or "embed" in name.split(".")[-1] or "token" in name else weight_decay
+        last = name.split(".")[-1]
+        wd = 0.0 if p.ndim < 2 or "embed" in last or last.endswith("bias") or "token" in name else weight_decay
         scale = 1.0
         if layer_decay is not None:
             if name.startswith("eva.blocks."):

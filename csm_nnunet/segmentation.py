@@ -260,11 +260,19 @@ class SeriesTokenEncoder(nn.Module):
             projection ``[1, D, S*t^3]``), everything else identical. It cannot drop an absent series (its channels
             are zeros inside the token, the paper's zero-padding); it exists so series tokens can be compared with
             fused tokens at the same encoder width/depth and head.
+        same_position_bias: add a learned per-block, per-head attention bias between the tokens of one position in
+            different series (beyond the paper; fine-tuning networks only, off by default). Why: the encoders here
+            attend almost uniformly after CSM pretraining and to one "sink" token after fine-tuning, never to the
+            same position in another series (docs/experiments.md, "Where the series tokens look"), so a same-voxel
+            contrast such as T1ce - T1 can only be combined after the encoder. It starts at ``log(N)`` (N token
+            positions), where a query gives its position's other series together about as much attention as all
+            other tokens, and learns from there. Costs a ``[B, heads, L, L]`` additive mask per block, which also
+            keeps SDPA off its flash kernel on a GPU.
     """
 
     def __init__(self, num_series: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
                  token_size: int | None = None, series_names: Sequence[str] | None = None,
-                 fused_tokens: bool = False, power_of_two_tokens: bool = False):
+                 fused_tokens: bool = False, power_of_two_tokens: bool = False, same_position_bias: bool = False):
         super().__init__()
         self.preset = get_preset(preset)
         self.num_series = int(num_series)
@@ -299,6 +307,13 @@ class SeriesTokenEncoder(nn.Module):
         self.series_embed = nn.Parameter(torch.zeros(G, D))
         self.eva = _build_eva(p, D, p.depth, p.num_heads, self.grid, abs_pos=True)
         init_token_embedding(self.patch_embed_weight, self.series_embed, self.eva.pos_embed, self.grid)
+        if same_position_bias and (self.fused_tokens or S < 2):
+            raise ValueError("same_position_bias needs series tokens of >= 2 series: with "
+                             f"{'fused tokens' if self.fused_tokens else 'one series'} no token has another series "
+                             "at its position")
+        # not an encoder key (is_encoder_key): a pretraining checkpoint has no such tensor, so it always starts fresh
+        self.same_position_bias = nn.Parameter(torch.full((p.depth, p.num_heads), math.log(self.num_patches))) \
+            if same_position_bias else None
 
     def encoder_state_keys(self) -> list[str]:
         """The state-dict keys that belong to the encoder (and can be loaded from a pretraining checkpoint)."""
@@ -365,11 +380,19 @@ class SeriesTokenEncoder(nn.Module):
         h = emb.gather(1, token_ids[..., None].expand(B, L, D))
         rope = rope_for(self.eva, token_ids % N)
         attn_mask = _padding_mask(valid, h.dtype, always=not compact)
+        pairs = None  # [B, 1, L, L]: 1 where query and key are one position in two series (same_position_bias)
+        if self.same_position_bias is not None:
+            pos, series = token_ids % N, token_ids // N
+            pairs = ((pos[:, :, None] == pos[:, None]) & (series[:, :, None] != series[:, None]))[:, None].to(h.dtype)
         # padded (or absent) slots scatter into a spare last slot that is dropped
         dest = torch.where(valid, token_ids, torch.full_like(token_ids, S * N))[..., None].expand(B, L, D)
         taps = []
         for depth, blk in enumerate(self.eva.blocks, start=1):
-            h = blk(h, rope=rope, attn_mask=attn_mask)
+            mask = attn_mask
+            if pairs is not None:
+                bias = pairs * self.same_position_bias[depth - 1].to(h.dtype)[None, :, None, None]
+                mask = bias if attn_mask is None else bias + attn_mask
+            h = blk(h, rope=rope, attn_mask=mask)
             if depth in tap_depths:
                 out = self.eva.norm(h) if depth == self.preset.depth else h
                 full = out.new_zeros(B, S * N + 1, D).scatter(1, dest, out)[:, : S * N]
@@ -404,9 +427,9 @@ class CSMSegmentationNetwork(SeriesTokenEncoder):
     def __init__(self, num_series: int, num_classes: int, patch_size: Sequence[int], preset: str | ViTPreset = "B16",
                  token_size: int | None = None, fusion: str = "attention", deep_supervision: bool = False,
                  series_names: Sequence[str] | None = None, base_channels: int | None = None,
-                 fused_tokens: bool = False, fusion_norm: str = "layer"):
+                 fused_tokens: bool = False, fusion_norm: str = "layer", same_position_bias: bool = False):
         super().__init__(num_series, patch_size, preset, token_size, series_names, fused_tokens,
-                         power_of_two_tokens=True)
+                         power_of_two_tokens=True, same_position_bias=same_position_bias)
         self.num_classes = int(num_classes)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")

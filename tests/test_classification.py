@@ -56,6 +56,13 @@ def test_pretrained_encoder_loads_into_the_classifier():
         if is_encoder_key(k):
             assert torch.equal(v, ref[k]), k
     assert torch.equal(net.head.weight, head) and "head.weight" in report.fresh
+    # the same-position attention bias is not in any pretraining checkpoint: it starts fresh, the rest loads
+    biased = make(same_position_bias=True)
+    start = biased.same_position_bias.detach().clone()
+    report = adapt_encoder_state(mae.state_dict(), mae.config(), biased, SERIES)
+    biased.load_state_dict(report.state_dict, strict=True)
+    assert "same_position_bias" in report.fresh and torch.equal(biased.same_position_bias, start)
+    assert torch.equal(biased.eva.blocks[0].attn.proj.weight, ref["eva.blocks.0.attn.proj.weight"])
 
 
 def test_classifier_learns_a_cross_series_rule():
@@ -279,3 +286,31 @@ def test_centre_pooling_weights_and_both_poolings_build():
         assert make(pooling="mean").eval()(x).shape == (2, 2)
     with pytest.raises(ValueError, match="pooling must be one of"):
         make(pooling="max")
+
+
+def test_same_position_bias_variants_build_it_from_the_plans_they_write():
+    """The variants set the attribute their ``__init__`` writes into the plans; the static builder nnU-Net's predictor
+    calls reads it back from there (a model trained with the bias must be rebuilt with it)."""
+    from types import SimpleNamespace
+
+    from csm_nnunet.trainers import (
+        CSMClassifierTrainer,
+        CSMClassifierTrainer_SamePositionBias,
+        CSMSegTrainer,
+        CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias,
+        CSMSegTrainer_NoSeriesDropout_SamePositionBias,
+    )
+    from csm_nnunet.trainers.csm_classifier_trainer import PLANS_KEY as CLS_KEY
+    from csm_nnunet.trainers.csm_seg_trainer import PLANS_KEY as SEG_KEY
+
+    assert CSMClassifierTrainer_SamePositionBias.same_position_bias and not CSMClassifierTrainer.same_position_bias
+    assert CSMSegTrainer_NoSeriesDropout_SamePositionBias.same_position_bias
+    assert CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias.encoder_freeze_fraction == 0.2
+    for flag in (True, False):
+        cls_cfg = {"preset": "tiny", "series_names": SERIES, "class_names": ["a", "b"], "same_position_bias": flag}
+        cm = SimpleNamespace(configuration={CLS_KEY: cls_cfg}, patch_size=list(PATCH))
+        net = CSMClassifierTrainer.build_network_architecture(None, cm, 3, 2, False)
+        assert (net.same_position_bias is not None) == flag
+        cm = SimpleNamespace(configuration={SEG_KEY: {"preset": "tiny", "same_position_bias": flag}},
+                             patch_size=[32, 32, 32])
+        assert (CSMSegTrainer.build_network_architecture(None, cm, 3, 2, False).same_position_bias is not None) == flag

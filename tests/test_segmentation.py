@@ -223,3 +223,63 @@ def test_fused_tokens_baseline_has_one_token_per_patch_and_the_same_decoder():
     x0[:, 1] = 0
     with torch.no_grad():
         assert torch.allclose(fused(x0), fused(x, torch.tensor([[True, False, True, True]] * 2)), atol=1e-5)
+
+
+def test_same_position_bias_reaches_exactly_the_cross_series_pairs_of_each_block():
+    """``same_position_bias``: every block's attention gets ``bias[block, head]`` between the tokens of one position
+    in two series, nothing elsewhere, on top of the padding mask (absent series, shorter cases); at bias 0 the network
+    is the one without it; gradients reach it; the CUDA-graph route (every token in place) agrees; it is a fresh
+    (non-encoder) tensor without weight decay."""
+    import math
+
+    from csm_nnunet.optim import finetune_param_groups
+
+    net = make(same_position_bias=True).eval()
+    assert net.same_position_bias.shape == (4, 4) and not is_encoder_key("same_position_bias")
+    assert torch.allclose(net.same_position_bias, torch.full((4, 4), math.log(net.num_patches)))
+    groups = finetune_param_groups(net, 0.05)
+    assert [g["weight_decay"] for g in groups if any(p is net.same_position_bias for p in g["params"])] == [0.0]
+    with torch.no_grad():
+        net.same_position_bias.copy_(torch.arange(16.0).reshape(4, 4))
+    masks = []
+    hooks = [blk.register_forward_pre_hook(lambda _m, _a, kw: masks.append(kw["attn_mask"]), with_kwargs=True)
+             for blk in net.eva.blocks]
+    x = torch.randn(2, 4, *PATCH)
+    present = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    with torch.no_grad():
+        out = net(x, present)
+        alone = net(x[1:], present[1:])
+    for hook in hooks:
+        hook.remove()
+    N = net.num_patches
+    pos, series = torch.arange(4 * N) % N, torch.arange(4 * N) // N
+    pairs = (pos[:, None] == pos[None]) & (series[:, None] != series[None])
+    for depth, mask in enumerate(masks[:4]):
+        assert mask.shape == (2, 4, 4 * N, 4 * N)
+        for head in range(4):
+            expected = torch.where(pairs, float(depth * 4 + head), 0.0)
+            assert torch.equal(mask[0, head], expected)
+            # the second case keeps series 0 and 2 (2N tokens first), then padding: -inf as keys
+            assert torch.equal(mask[1, head, : 2 * N, : 2 * N], expected[: 2 * N, : 2 * N])
+            assert bool(torch.isneginf(mask[1, head, :, 2 * N:]).all())
+    assert torch.allclose(out[1], alone[0], atol=1e-4)  # a case's result does not depend on the batch
+    with torch.no_grad():
+        x2 = x.clone()
+        x2[1, 1] = torch.randn(*PATCH) * 100  # an absent series' content must not matter, bias or not
+        assert torch.allclose(net(x2, present)[1], out[1], atol=1e-4)
+        taps = net.forward_encoder(*net._prepare_inputs(x, present)[::2], (2, 4))
+        in_place = net.forward_encoder(*net._prepare_inputs(x, present)[::2], (2, 4), compact=False)
+    for a, b in zip(taps, in_place):
+        assert torch.allclose(a, b, atol=1e-4)
+    # at bias 0 the same weights give the network without the bias
+    plain = make()
+    state = {k: v for k, v in net.state_dict().items() if k != "same_position_bias"}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        net.same_position_bias.zero_()
+        assert torch.allclose(net(x, present), plain.eval()(x, present), atol=1e-5)
+    net.train()
+    F.cross_entropy(net(x, present), torch.randint(0, 3, (2, *PATCH))).backward()
+    assert net.same_position_bias.grad is not None and bool(net.same_position_bias.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="same_position_bias needs series tokens"):
+        make(same_position_bias=True, fused_tokens=True)

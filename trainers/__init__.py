@@ -12,6 +12,7 @@ from csm_nnunet.trainers.csm_classifier_trainer import (
     CSMClassifierTrainer_FusedTokens,
     CSMClassifierTrainer_HeadFirst,
     CSMClassifierTrainer_LayerDecay,
+    CSMClassifierTrainer_SamePositionBias,
 )
 from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
 from csm_nnunet.trainers.csm_pretrainer_ablations import (
@@ -32,6 +33,8 @@ from csm_nnunet.trainers.csm_seg_variants import (
     CSMSegTrainer_LayerDecay,
     CSMSegTrainer_NoSeriesDropout,
     CSMSegTrainer_NoSeriesDropout_DecoderFirst,
+    CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias,
+    CSMSegTrainer_NoSeriesDropout_SamePositionBias,
     CSMSegTrainer_SeriesDropout10,
 )
 
@@ -41,6 +44,7 @@ __all__ = [
     "CSMClassifierTrainer_FusedTokens",
     "CSMClassifierTrainer_HeadFirst",
     "CSMClassifierTrainer_LayerDecay",
+    "CSMClassifierTrainer_SamePositionBias",
     "CSMPretrainer",
     "CSMPretrainer_Mask50",
     "CSMPretrainer_NoSeriesMask",
@@ -56,6 +60,8 @@ __all__ = [
     "CSMSegTrainer_LayerDecay",
     "CSMSegTrainer_NoSeriesDropout",
     "CSMSegTrainer_NoSeriesDropout_DecoderFirst",
+    "CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias",
+    "CSMSegTrainer_NoSeriesDropout_SamePositionBias",
     "CSMSegTrainer_SeriesDropout10",
     "MAEPretrainer",
     "nnUNetTrainer_CSMBudget",

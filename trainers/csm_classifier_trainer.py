@@ -108,7 +108,8 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
     Class attributes: ``preset`` (CSM_PRESET), ``class_balanced`` (class-weighted cross-entropy), ``series_dropout``,
     ``layer_decay`` (None = off), ``head_dropout``, ``warmup_fraction``, ``fused_tokens`` (the channel-fused-token
     baseline of :class:`csm_nnunet.segmentation.SeriesTokenEncoder`), ``pooling`` (``"centre"`` or ``"mean"``, see
-    :mod:`csm_nnunet.classification`).
+    :mod:`csm_nnunet.classification`), ``same_position_bias`` (a learned attention bias between one position's series
+    tokens, see :class:`csm_nnunet.segmentation.SeriesTokenEncoder`).
     """
 
     preset: str = "B16"
@@ -117,6 +118,7 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
     series_dropout: float = 0.2
     head_dropout: float = 0.0
     fused_tokens: bool = False
+    same_position_bias: bool = False
     pooling: str = "centre"  # the tokens around the ROI-centred crop's centre, per series ("mean": every token)
     crop_size: int | None = None  # CSM_CROP; None = the plans' patch size
     crop_jitter: int = 0  # voxels the training crop centre may move around the ROI centre, per axis
@@ -151,7 +153,7 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
         plans["configurations"][configuration][PLANS_KEY] = {
             "preset": preset, "series_names": self.series_names, "class_names": self.class_names,
             "roi_labels": self.roi_labels, "head_dropout": self.head_dropout, "fused_tokens": self.fused_tokens,
-            "pooling": self.pooling}
+            "pooling": self.pooling, "same_position_bias": self.same_position_bias}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._finetuning_defaults()  # AdamW lr 5e-3, wd 0.01 (paper IV.A); checkpoint_latest every epoch
         self.enable_deep_supervision = False
@@ -164,7 +166,8 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} series="
                                f"{self.series_names} classes={counts} roi_labels={self.roi_labels} crop={list(fitted)}"
                                f" class_balanced={self.class_balanced} series_dropout={self.series_dropout} "
-                               f"fused_tokens={self.fused_tokens} pooling={self.pooling} "
+                               f"fused_tokens={self.fused_tokens} same_position_bias={self.same_position_bias} "
+                               f"pooling={self.pooling} "
                                f"augmentation={self.augmentation}")
         self._val_keys: list[str] | None = None
 
@@ -183,7 +186,8 @@ class CSMClassifierTrainer(CSMFineTuningMixin, nnUNetTrainer):
                                         preset=cfg["preset"], series_names=cfg["series_names"],
                                         fused_tokens=bool(cfg.get("fused_tokens", False)),
                                         dropout=float(cfg.get("head_dropout", 0.0)),
-                                        pooling=cfg.get("pooling", "mean"))  # models from before pooling existed
+                                        pooling=cfg.get("pooling", "mean"),  # models from before pooling existed
+                                        same_position_bias=bool(cfg.get("same_position_bias", False)))
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         pass  # one logit vector per case
@@ -388,6 +392,14 @@ class CSMClassifierTrainer_LayerDecay(CSMClassifierTrainer):
     """Layer-wise lr decay 0.75 (MAE fine-tuning practice)."""
 
     layer_decay = 0.75
+
+
+class CSMClassifierTrainer_SamePositionBias(CSMClassifierTrainer):
+    """A learned attention bias between the series tokens of one position (beyond the paper, see
+    :class:`csm_nnunet.segmentation.SeriesTokenEncoder`): lets the encoder combine T1ce with T1 at the same voxels,
+    which the classifier's per-series pooling and linear head cannot."""
+
+    same_position_bias = True
 
 
 class CSMClassifierTrainer_HeadFirst(CSMClassifierTrainer):

@@ -43,7 +43,8 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
     per training case of dropping 1..s-1 random series, so missing series at inference are expected), ``layer_decay``
     (layer-wise lr decay factor, None = off), ``warmup_fraction``, ``encoder_freeze_fraction`` (frozen-encoder start,
     see :class:`csm_nnunet.trainers.finetune.CSMFineTuningMixin`), ``fused_tokens`` (the channel-fused-token
-    baseline, see :class:`csm_nnunet.segmentation.CSMSegmentationNetwork`).
+    baseline, see :class:`csm_nnunet.segmentation.CSMSegmentationNetwork`), ``same_position_bias`` (a learned
+    attention bias between one position's series tokens, see :class:`csm_nnunet.segmentation.SeriesTokenEncoder`).
     """
 
     preset: str = "B16"
@@ -52,6 +53,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
     fusion_norm: str = "layer"
     series_dropout: float = 0.2
     fused_tokens: bool = False
+    same_position_bias: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -66,6 +68,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
         plans["configurations"][configuration][PLANS_KEY] = {"preset": preset, "fusion": self.fusion,
                                                              "fusion_norm": self.fusion_norm,
                                                              "fused_tokens": self.fused_tokens,
+                                                             "same_position_bias": self.same_position_bias,
                                                              "series_names": self.series_names,
                                                              "base_channels": get_preset(preset).seg_channels}
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -78,7 +81,7 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
         self.print_to_log_file(f"csm-nnunet: {self.__class__.__name__} preset={self.preset} fusion={self.fusion} "
                                f"fusion_norm={self.fusion_norm} "
                                f"series={self.series_names} series_dropout={self.series_dropout} "
-                               f"fused_tokens={self.fused_tokens}")
+                               f"fused_tokens={self.fused_tokens} same_position_bias={self.same_position_bias}")
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -93,7 +96,8 @@ class CSMSegTrainer(CSMFineTuningMixin, nnUNetTrainer):
                                       deep_supervision=enable_deep_supervision,
                                       series_names=cfg.get("series_names"),
                                       fused_tokens=bool(cfg.get("fused_tokens", False)),
-                                      base_channels=cfg.get("base_channels"))
+                                      base_channels=cfg.get("base_channels"),
+                                      same_position_bias=bool(cfg.get("same_position_bias", False)))
 
     def _get_deep_supervision_scales(self):
         """Our decoder's output resolutions (full, 1/2, 1/4, ...), not the U-Net pooling of the plans. nnU-Net calls

@@ -72,3 +72,17 @@ class CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst(CSMSegTrainer_NoSer
     pretraining are compared under the same fine-tuning."""
 
     fused_tokens = True
+
+
+class CSMSegTrainer_NoSeriesDropout_SamePositionBias(CSMSegTrainer_NoSeriesDropout):
+    """A learned attention bias between the series tokens of one position (beyond the paper, see
+    :class:`csm_nnunet.segmentation.SeriesTokenEncoder`), to compare with the ``*-nodrop`` runs."""
+
+    same_position_bias = True
+
+
+class CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias(CSMSegTrainer_NoSeriesDropout_DecoderFirst):
+    """:class:`CSMSegTrainer_NoSeriesDropout_DecoderFirst` with the same-position attention bias (it is not an
+    encoder tensor, so it trains from the first step while the pretrained encoder is held)."""
+
+    same_position_bias = True
