@@ -86,8 +86,11 @@ def finetune_param_groups(network: torch.nn.Module, weight_decay: float, layer_d
     for name, p in network.named_parameters():
         if not p.requires_grad:
             continue
+        # no decay on 1-D tensors, embeddings, mask tokens, and the same-position attention bias (a decay would pull
+        # its log(N) start towards plain attention); the series fusion's 2-D key/value biases keep theirs
         last = name.split(".")[-1]
-        wd = 0.0 if p.ndim < 2 or "embed" in last or last.endswith("bias") or "token" in name else weight_decay
+        no_decay = p.ndim < 2 or "embed" in last or "token" in name or name == "same_position_bias"
+        wd = 0.0 if no_decay else weight_decay
         scale = 1.0
         if layer_decay is not None:
             if name.startswith("eva.blocks."):
