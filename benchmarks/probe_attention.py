@@ -39,7 +39,6 @@ Usage (the 96-unlabelled-case folder of docs/experiments.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -208,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
-    with open(os.path.join(args.preprocessed, "splits_final.json")) as f:
-        cases = sorted(json.load(f)[args.fold]["val"])
-    with open(os.path.join(args.preprocessed, "dataset.json")) as f:
-        dataset = json.load(f)
+    _, cases, dataset = pe.read_split(args.preprocessed, args.fold)
     series = [dataset["channel_names"][k] for k in sorted(dataset["channel_names"], key=int)]
     encoders: list[tuple[str, str, str | None]] = []  # name, kind, path
     for kind, items in (("pretrained", args.checkpoint), ("fine-tuned", args.finetuned)):

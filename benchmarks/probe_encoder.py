@@ -223,6 +223,14 @@ def run_probes(sets: dict[str, np.ndarray], targets: dict[str, np.ndarray], voxe
     return out
 
 
+def read_split(preprocessed: str, fold: int) -> tuple[list[str], list[str], dict]:
+    """Train and val cases of ``splits_final.json`` fold ``fold`` (sorted) and the folder's dataset.json."""
+    with open(os.path.join(preprocessed, "splits_final.json")) as f:
+        split = json.load(f)[fold]
+    with open(os.path.join(preprocessed, "dataset.json")) as f:
+        return sorted(split["train"]), sorted(split["val"]), json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preprocessed", required=True, help="nnU-Net preprocessed dataset folder (DatasetXXX_Name)")
@@ -241,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
-    with open(os.path.join(args.preprocessed, "splits_final.json")) as f:
-        split = json.load(f)[args.fold]
-    train_cases, test_cases = sorted(split["train"]), sorted(split["val"])
-    with open(os.path.join(args.preprocessed, "dataset.json")) as f:
-        dataset = json.load(f)
+    train_cases, test_cases, dataset = read_split(args.preprocessed, args.fold)
     series = [dataset["channel_names"][k] for k in sorted(dataset["channel_names"], key=int)]
     labels = {int(v) for v in dataset["labels"].values()}
     regions = REGIONS["brain"] if {1, 2, 3} <= labels else {"foreground": tuple(sorted(labels - {0}))}
