@@ -139,20 +139,17 @@ class captured_inputs:
 
 
 @torch.no_grad()
-def decoder_attention(path: str, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
+def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
     """The pretraining decoder at work: with CSM masks drawn as in training (the checkpoint's own network, default
     masker), where do the *hidden* tokens it must reconstruct look? Mass on visible tokens at the same position
     (other series: the cross-series fetch), on visible tokens of the same series at the 26 neighbour positions, on
     any visible token, and what uniform attention over the same keys would give. Per block, mean over heads, hidden
-    queries and cases."""
+    queries and cases. ``checkpoint``: a pretraining checkpoint as loaded (``csm_network``, ``network_weights``)."""
     from csm_nnunet.masking import CrossSeriesMasker
-    from csm_nnunet.network import CSMMaskedAutoencoder, ViTPreset, rope_for
+    from csm_nnunet.network import CSMMaskedAutoencoder, rope_for
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = ckpt["csm_network"]
-    net = CSMMaskedAutoencoder(cfg["series_names"], cfg["patch_size"], ViTPreset(**cfg["preset"]),
-                               token_size=cfg["token_size"], norm_pix_loss=cfg.get("norm_pix_loss", False))
-    net.load_state_dict(ckpt["network_weights"])
+    net = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"])
+    net.load_state_dict(checkpoint["network_weights"])
     net.eval()
     S, N = net.num_groups, net.num_patches
     rel = relation_masks(S, net.grid)
@@ -237,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     fused_masks = relation_masks(1, grid)  # a channel-fused encoder (MAEPretrainer): one token per position
     for i, (name, kind, path) in enumerate(encoders):
         torch.manual_seed(1000 + i)
-        fused = kind == "pretrained" and bool(
-            torch.load(path, map_location="cpu", weights_only=False)["csm_network"].get("fused"))
+        # a pretraining checkpoint is read once here for its config and decoder (the encoder goes through the loader
+        # -pretrained_weights uses, which reads and checks the file itself)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False) if kind == "pretrained" else None
+        fused = checkpoint is not None and bool(checkpoint["csm_network"].get("fused"))
         net = pe.build_encoder(series, patch, ref["preset"]["name"], token, fused)
         if kind == "pretrained":
             load_pretrained_checkpoint(path, net, series, log=None)
@@ -246,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             load_finetuned_encoder(path, net)
         results[name] = {"kind": kind, "checkpoint": path, "fused": fused,
                          "blocks": attention_mass(net.eval(), images, fused_masks if fused else masks)}
-        if kind == "pretrained" and not fused:
-            results[name]["decoder"] = decoder_attention(path, images)
+        if checkpoint is not None and not fused:
+            results[name]["decoder"] = decoder_attention(checkpoint, images)
         last = results[name]["blocks"]
         bp.log(f"{name}: same position, other series per block "
                + " / ".join(f"{b['same position, other series']:.3f}" for b in last))

@@ -253,6 +253,14 @@ class CSMMaskedAutoencoder(nn.Module):
                 "preset": asdict(self.preset), "token_size": self.token_size, "fused": self.fused,
                 "norm_pix_loss": self.norm_pix_loss, "sparse_encoder": self.sparse_encoder}
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> CSMMaskedAutoencoder:
+        """The network :meth:`config` describes (a checkpoint's ``csm_network``), freshly initialised; keys that
+        older checkpoints lack take the constructor's defaults."""
+        return cls(cfg["series_names"], cfg["patch_size"], ViTPreset(**cfg["preset"]), token_size=cfg["token_size"],
+                   fused=cfg.get("fused", False), norm_pix_loss=cfg.get("norm_pix_loss", False),
+                   sparse_encoder=cfg.get("sparse_encoder", True))
+
     # ---------------------------------------------------------------- tokens <-> volumes
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, X, Y, Z] -> [B, G, N, P]``; tokens in x-major grid order, P = channels_per_group * t^3."""

@@ -37,7 +37,7 @@ def _load_model(model_folder: str, fold: str, checkpoint: str):
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    from csm_nnunet.network import CSMMaskedAutoencoder, ViTPreset
+    from csm_nnunet.network import CSMMaskedAutoencoder
 
     for name in ("plans.json", "dataset.json"):
         if not isfile(join(model_folder, name)):
@@ -60,8 +60,7 @@ def _load_model(model_folder: str, fold: str, checkpoint: str):
     if cfg.get("norm_pix_loss"):
         raise ReconstructError(f"{path} was trained with per-patch normalised targets (NormPix): it predicts patch "
                                f"shapes, not intensities; use a CSMPretrainer model without NormPix")
-    net = CSMMaskedAutoencoder(cfg["series_names"], cfg["patch_size"], ViTPreset(**cfg["preset"]),
-                               token_size=cfg["token_size"])
+    net = CSMMaskedAutoencoder.from_config(cfg)
     net.load_state_dict(ckpt["network_weights"])
     return net.eval(), ckpt, load_json(join(model_folder, "plans.json")), load_json(join(model_folder, "dataset.json"))
 

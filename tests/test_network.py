@@ -150,3 +150,12 @@ def test_sincos_position_code_is_unique_per_token():
     pe = sincos_pos_embed_3d((3, 4, 5), 96)
     assert pe.shape == (60, 96)
     assert torch.cdist(pe, pe).add(torch.eye(60)).min() > 1e-3
+
+
+def test_from_config_rebuilds_the_network_config_describes():
+    """``from_config`` is ``config``'s inverse (reconstruct and the probes build checkpoints' networks with it)."""
+    for kw in ({}, {"fused": True, "norm_pix_loss": True}, {"sparse_encoder": False}):
+        net = CSMMaskedAutoencoder(SERIES, (32, 32, 32), "tiny", **kw)
+        again = CSMMaskedAutoencoder.from_config(net.config())
+        assert again.config() == net.config()
+        assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}

@@ -71,15 +71,14 @@ def test_relations_split_every_query_and_zero_logits_measure_uniform():
         assert block["most-attended key"] == pytest.approx(1 / T, abs=1e-4)
 
 
-def test_decoder_attention_of_a_pretraining_checkpoint(tmp_path):
+def test_decoder_attention_of_a_pretraining_checkpoint():
     from csm_nnunet.network import CSMMaskedAutoencoder
 
     torch.manual_seed(0)
     net = CSMMaskedAutoencoder(["a", "b", "c", "d"], (16, 16, 24), "tiny8")
-    path = tmp_path / "checkpoint_final.pth"
-    torch.save({"csm_network": net.config(), "network_weights": net.state_dict()}, path)
+    checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict()}
     images = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 24)).astype(np.float32)
-    blocks = probe.decoder_attention(str(path), images)
+    blocks = probe.decoder_attention(checkpoint, images)
     assert len(blocks) == net.preset.decoder_depth
     for block in blocks:
         assert 0.0 <= block["visible, same position, other series"] <= block["any visible"] <= 1.0
