@@ -53,6 +53,7 @@ import bench_pretrain as bp  # noqa: E402  (machine description, git state)
 import probe_encoder as pe  # noqa: E402  (case loading, encoder construction: the linear probes' own)
 
 from csm_nnunet.fileio import write_json_atomically  # noqa: E402
+from csm_nnunet.masking import CrossSeriesMasker  # noqa: E402
 
 RELATIONS = ("self", "same position, other series", "same series, other positions",
              "other series, other positions", "same series, neighbour positions")
@@ -140,12 +141,11 @@ class captured_inputs:
 
 @torch.no_grad()
 def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
-    """The pretraining decoder at work: with CSM masks drawn as in training (the checkpoint's own network, default
-    masker), where do the *hidden* tokens it must reconstruct look? Mass on visible tokens at the same position
+    """The pretraining decoder at work: with masks drawn as in training (the checkpoint's own network and masking,
+    ``csm_masking``), where do the *hidden* tokens it must reconstruct look? Mass on visible tokens at the same position
     (other series: the cross-series fetch), on visible tokens of the same series at the 26 neighbour positions, on
     any visible token, and what uniform attention over the same keys would give. Per block, mean over heads, hidden
     queries and cases. ``checkpoint``: a pretraining checkpoint as loaded (``csm_network``, ``network_weights``)."""
-    from csm_nnunet.masking import CrossSeriesMasker
     from csm_nnunet.network import CSMMaskedAutoencoder, rope_for
 
     net = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"])
@@ -154,7 +154,7 @@ def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> li
     S, N = net.num_groups, net.num_patches
     rel = relation_masks(S, net.grid)
     same_p, near = rel["same position, other series"], rel["same series, neighbour positions"]
-    masker, gen = CrossSeriesMasker(), torch.Generator().manual_seed(seed)
+    masker, gen = CrossSeriesMasker(**checkpoint.get("csm_masking", {})), torch.Generator().manual_seed(seed)
     rope = rope_for(net.decoder, torch.arange(N).repeat(S)[None])
     names = ("visible, same position, other series", "visible, same series, neighbour positions", "any visible")
     sums = {k: torch.zeros(len(net.decoder.blocks)) for k in names}
@@ -175,6 +175,29 @@ def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> li
     n = len(images)
     return [{**{k: round(float(sums[k][d] / n), 4) for k in names},
              **{f"uniform: {k}": round(base[k] / n, 4) for k in names}} for d in range(len(net.decoder.blocks))]
+
+
+def mask_pairing(masker, num_series: int, num_patches: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How often a pretraining mask shows one position in two series, for one masker (one case of ``num_series``
+    present series, ``draws`` draws).
+
+    Why: the encoder can learn to look up "same position, other series" only from inputs that contain such pairs, and
+    the decoder can fetch a hidden token from another series only where that series shows the position. Returns
+    ``visible partners``: per visible token, the visible tokens of other series at its position (pooled over the
+    draws); ``hidden with a visible partner``: the share of the scored (hidden) tokens whose position is visible in
+    another series."""
+    gen = torch.Generator().manual_seed(seed)
+    partners = visible_total = fetchable = scored_total = 0
+    for _ in range(draws):
+        mask = masker(1, num_series, num_patches, generator=gen)
+        vis, scored = mask.visible[0], mask.scored[0]  # [S, N]
+        per_position = vis.sum(0)  # visible series at each position
+        partners += int((vis * (per_position - 1)).sum())
+        visible_total += int(vis.sum())
+        fetchable += int((scored & ((per_position - vis.long()) > 0)).sum())
+        scored_total += int(scored.sum())
+    return {"visible partners": round(partners / max(visible_total, 1), 4),
+            "hidden with a visible partner": round(fetchable / max(scored_total, 1), 4)}
 
 
 def load_finetuned_encoder(path: str, net: torch.nn.Module) -> None:
@@ -247,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                          "blocks": attention_mass(net.eval(), images, fused_masks if fused else masks)}
         if checkpoint is not None and not fused:
             results[name]["decoder"] = decoder_attention(checkpoint, images)
+            masking = checkpoint.get("csm_masking", {})
+            results[name]["masking"] = {**masking, **mask_pairing(CrossSeriesMasker(**masking), len(series),
+                                                                   int(np.prod(grid)))}
         last = results[name]["blocks"]
         bp.log(f"{name}: same position, other series per block "
                + " / ".join(f"{b['same position, other series']:.3f}" for b in last))

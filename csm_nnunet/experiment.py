@@ -18,6 +18,10 @@ arms:
   the same schedule on a random encoder (the control: does the schedule alone help?);
 * ``mae-nodrop-decfirst``  ``CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst`` from a ``MAEPretrainer``
   encoder: channel-fused pretraining under the same fine-tuning recipe as ``csm-nodrop-decfirst``;
+* ``csm-mask50-nodrop-decfirst`` / ``csm-samepos-nodrop-decfirst``  the same recipe from a ``CSMPretrainer_Mask50``
+  (intra-series mask ratio 50 %) / ``CSMPretrainer_SamePositionMask`` (one patch mask for all series of a case)
+  encoder, the paper's Table VIII / VII switches: under them the pretraining encoder sees one position in two series
+  4x / 8x as often as under CSM's independent 87.5 % masks (does the cross-series attention then form?);
 * ``scratch-drop10`` / ``csm-drop10``  ``CSMSegTrainer_SeriesDropout10`` (series dropout on 10 % of cases instead of
   20 %) from scratch and from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
@@ -76,6 +80,9 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer", None),
     "scratch-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", None, None),
     "mae-nodrop-decfirst": ("CSMSegTrainer_FusedTokens_NoSeriesDropout_DecoderFirst", "MAEPretrainer", None),
+    "csm-mask50-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_Mask50", None),
+    "csm-samepos-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_SamePositionMask",
+                                    None),
     "scratch-nodrop-posbias": ("CSMSegTrainer_NoSeriesDropout_SamePositionBias", None, None),
     "csm-nodrop-decfirst-posbias": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias", "CSMPretrainer",
                                     None),

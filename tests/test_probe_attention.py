@@ -83,3 +83,20 @@ def test_decoder_attention_of_a_pretraining_checkpoint():
     for block in blocks:
         assert 0.0 <= block["visible, same position, other series"] <= block["any visible"] <= 1.0
         assert 0.0 < block["uniform: any visible"] < 0.5  # 87.5 % of each series hidden, some series whole
+
+
+@pytest.mark.parametrize("kwargs,partners", [({}, 0.125 * 8 / 6), ({"mask_ratio": 0.5}, 0.5 * 8 / 6),
+                                             ({"same_position": True}, 8 / 6),
+                                             ({"series_masking": "off"}, 0.125 * 3)])
+def test_mask_pairing_counts_same_position_partners_as_the_masks_give_them(kwargs, partners):
+    """4 series, 64 patches: k ~ U{1,2,3} series hidden, a fraction f of each shown series kept, so a visible token
+    has f * (shown - 1) partners; pooled over visible tokens (weight shown = 4 - k): f * (3*2 + 2*1 + 1*0) / 6.
+    With one mask for all series (same position) f = 1; with no series hidden, 3 partners at f."""
+    from csm_nnunet.masking import CrossSeriesMasker
+
+    stats = probe.mask_pairing(CrossSeriesMasker(**kwargs), 4, 64, draws=3000)
+    assert stats["visible partners"] == pytest.approx(partners, rel=0.05)
+    if kwargs.get("same_position"):  # a hidden position is hidden in every shown series: only hidden series fetch
+        assert 0.0 < stats["hidden with a visible partner"] < 0.2
+    else:
+        assert 0.0 < stats["hidden with a visible partner"] < 1.0
