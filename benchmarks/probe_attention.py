@@ -177,6 +177,42 @@ def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> li
              **{f"uniform: {k}": round(base[k] / n, 4) for k in names}} for d in range(len(net.decoder.blocks))]
 
 
+@torch.no_grad()
+def encoder_attention_on_masks(checkpoint: dict, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
+    """The pretraining encoder on the inputs it was trained on: only the visible tokens of masks drawn as in
+    training (the checkpoint's ``csm_masking``), where the whole-patch probe of :func:`attention_mass` shows it
+    every token. Per block, mean over heads, visible queries and cases: the mass on visible tokens of other series
+    at the query's position (and what uniform attention over the visible set gives it), the largest weight as a
+    multiple of uniform (1 = uniform), and the entropy over log(visible count) (1 = uniform)."""
+    from csm_nnunet.network import CSMMaskedAutoencoder, rope_for
+
+    net = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"])
+    net.load_state_dict(checkpoint["network_weights"])
+    net.eval()
+    S, N = net.num_groups, net.num_patches
+    same_p = relation_masks(S, net.grid)["same position, other series"]
+    masker, gen = CrossSeriesMasker(**checkpoint.get("csm_masking", {})), torch.Generator().manual_seed(seed)
+    names = ("same position, other series", "uniform: same position, other series", "largest weight x uniform",
+             "entropy / log(visible)")
+    sums = {k: torch.zeros(len(net.eva.blocks)) for k in names}
+    for i in range(len(images)):
+        mask = masker(1, S, N, generator=gen)
+        with captured_inputs(net.eva.blocks) as inputs:
+            net(torch.from_numpy(images[i: i + 1]), mask)
+        ids = mask.visible.reshape(S * N).nonzero()[:, 0]  # the encoder's token order (gather_kept keeps it)
+        L = len(ids)
+        pair = same_p[ids][:, ids].float()
+        rope = rope_for(net.eva, (ids % N)[None])
+        for d, (blk, h) in enumerate(zip(net.eva.blocks, inputs)):
+            w = attention_weights(blk.attn, h, rope)[0]  # [H, L, L]
+            sums[names[0]][d] += (w * pair).sum(-1).mean().item()
+            sums[names[1]][d] += pair.sum(-1).mean().item() / L
+            sums[names[2]][d] += (w.amax(-1) * L).mean().item()
+            sums[names[3]][d] += (-(w * w.clamp_min(1e-12).log()).sum(-1) / np.log(L)).mean().item()
+    n = len(images)
+    return [{k: round(float(sums[k][d] / n), 4) for k in names} for d in range(len(net.eva.blocks))]
+
+
 def mask_pairing(masker, num_series: int, num_patches: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
     """How often a pretraining mask shows one position in two series, for one masker (one case of ``num_series``
     present series, ``draws`` draws).
@@ -270,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                          "blocks": attention_mass(net.eval(), images, fused_masks if fused else masks)}
         if checkpoint is not None and not fused:
             results[name]["decoder"] = decoder_attention(checkpoint, images)
+            results[name]["encoder on training masks"] = encoder_attention_on_masks(checkpoint, images)
             masking = checkpoint.get("csm_masking", {})
             results[name]["masking"] = {**masking, **mask_pairing(CrossSeriesMasker(**masking), len(series),
                                                                    int(np.prod(grid)))}

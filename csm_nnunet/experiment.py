@@ -22,6 +22,8 @@ arms:
   (intra-series mask ratio 50 %) / ``CSMPretrainer_SamePositionMask`` (one patch mask for all series of a case)
   encoder, the paper's Table VIII / VII switches: under them the pretraining encoder sees one position in two series
   4x / 8x as often as under CSM's independent 87.5 % masks (does the cross-series attention then form?);
+* ``csm-lr5e3-nodrop-decfirst``  the same recipe from a ``CSMPretrainer_LR5e3`` encoder (pretraining peak lr 5e-3
+  instead of 1e-3: does the encoder's attention, uniform after 1e-3 pretraining here, then form?);
 * ``scratch-drop10`` / ``csm-drop10``  ``CSMSegTrainer_SeriesDropout10`` (series dropout on 10 % of cases instead of
   20 %) from scratch and from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
@@ -83,6 +85,7 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-mask50-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_Mask50", None),
     "csm-samepos-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_SamePositionMask",
                                     None),
+    "csm-lr5e3-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_LR5e3", None),
     "scratch-nodrop-posbias": ("CSMSegTrainer_NoSeriesDropout_SamePositionBias", None, None),
     "csm-nodrop-decfirst-posbias": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias", "CSMPretrainer",
                                     None),

@@ -86,13 +86,15 @@ def test_reconstruction_loss_falls_on_a_short_overfit(synthetic):
 
 @pytest.mark.parametrize("trainer", ["CSMPretrainer_SamePositionMask", "CSMPretrainer_SeriesMaskNoRecon",
                                      "CSMPretrainer_Mask50", "CSMPretrainer_NormPix",
-                                     "MAEPretrainer"])
+                                     "CSMPretrainer_LR5e3", "MAEPretrainer"])
 def test_variants_run_through_nnunet(synthetic, trainer):
     train(synthetic, 990, trainer, "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "1"})
     folder = fold_dir(synthetic, "Dataset990_CSMSynth", trainer, "nnUNetCSMPlans")
     ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer
     assert ckpt["csm_network"]["fused"] == (trainer == "MAEPretrainer")
+    peak = {group["initial_lr"] for group in ckpt["optimizer_state"]["param_groups"]}
+    assert peak == ({5e-3} if trainer == "CSMPretrainer_LR5e3" else {1e-3})
 
 
 def test_real_mri_with_csm_plans(real):

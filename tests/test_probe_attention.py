@@ -41,17 +41,9 @@ def test_recomputed_attention_reproduces_each_blocks_output(preset, patch):
     torch.testing.assert_close(w.sum(-1), torch.ones(B, attn.num_heads, T))
 
 
-def test_relations_split_every_query_and_zero_logits_measure_uniform():
-    masks = probe.relation_masks(3, (2, 3, 2))
-    T = 3 * 12
-    parts = sum(masks[r].int() for r in probe.RELATIONS[:4])
-    assert bool((parts == 1).all())  # every (query, key) pair in exactly one of the four relations
-    assert masks["same position, other series"].sum(-1).unique().tolist() == [2]
-    assert bool((masks["same series, neighbour positions"] <= masks["same series, other positions"]).all())
-    # with zero query/key projections every logit is 0: the measured masses must be uniform attention's
-    torch.manual_seed(0)
-    net = probe.pe.build_encoder(["a", "b", "c"], (16, 24, 16), "tiny8", 8, False).eval()
-    for blk in net.eva.blocks:
+def zero_query_key(blocks: torch.nn.ModuleList) -> None:
+    """Zero every block's query and key projections: every attention logit is then 0 (uniform attention)."""
+    for blk in blocks:
         with torch.no_grad():
             if blk.attn.qkv is not None:
                 blk.attn.qkv.weight[: 2 * blk.attn.qkv.weight.shape[1]].zero_()
@@ -62,6 +54,19 @@ def test_relations_split_every_query_and_zero_logits_measure_uniform():
                          getattr(blk.attn.k_proj, "bias", None)):
                 if bias is not None:
                     bias.zero_()
+
+
+def test_relations_split_every_query_and_zero_logits_measure_uniform():
+    masks = probe.relation_masks(3, (2, 3, 2))
+    T = 3 * 12
+    parts = sum(masks[r].int() for r in probe.RELATIONS[:4])
+    assert bool((parts == 1).all())  # every (query, key) pair in exactly one of the four relations
+    assert masks["same position, other series"].sum(-1).unique().tolist() == [2]
+    assert bool((masks["same series, neighbour positions"] <= masks["same series, other positions"]).all())
+    # with zero query/key projections every logit is 0: the measured masses must be uniform attention's
+    torch.manual_seed(0)
+    net = probe.pe.build_encoder(["a", "b", "c"], (16, 24, 16), "tiny8", 8, False).eval()
+    zero_query_key(net.eva.blocks)
     blocks = probe.attention_mass(net, np.random.default_rng(0).normal(size=(2, 3, 16, 24, 16)).astype(np.float32),
                                   masks)
     for block in blocks:
@@ -100,3 +105,32 @@ def test_mask_pairing_counts_same_position_partners_as_the_masks_give_them(kwarg
         assert 0.0 < stats["hidden with a visible partner"] < 0.2
     else:
         assert 0.0 < stats["hidden with a visible partner"] < 1.0
+
+
+def test_encoder_attention_on_training_masks_is_uniform_without_logits_and_matches_its_masks():
+    """On the visible tokens of training-style masks: zero query/key projections give exactly uniform attention
+    (entropy 1, largest weight 1x, same-position mass = its uniform share); trained-looking random weights give a
+    largest weight above uniform. Same-position masks (SamePositionMask) show every visible position in all shown
+    series, so the uniform same-position share is larger than under independent masks."""
+    from csm_nnunet.network import CSMMaskedAutoencoder
+
+    torch.manual_seed(0)
+    net = CSMMaskedAutoencoder(["a", "b", "c", "d"], (16, 16, 24), "tiny8")
+    images = np.random.default_rng(0).normal(size=(3, 4, 16, 16, 24)).astype(np.float32)
+    checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict()}
+    for block in probe.encoder_attention_on_masks(checkpoint, images):
+        assert block["largest weight x uniform"] > 1.0 and 0.0 < block["entropy / log(visible)"] < 1.0
+    zero_query_key(net.eva.blocks)
+    shares = {}
+    for same_position in (False, True):
+        checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict(),
+                      "csm_masking": {"mask_ratio": 0.5, "same_position": same_position}}
+        blocks = probe.encoder_attention_on_masks(checkpoint, images)
+        assert len(blocks) == net.preset.depth
+        for block in blocks:
+            assert block["largest weight x uniform"] == pytest.approx(1.0, abs=1e-4)
+            assert block["entropy / log(visible)"] == pytest.approx(1.0, abs=1e-4)
+            assert block["same position, other series"] == pytest.approx(
+                block["uniform: same position, other series"], abs=1e-4)
+        shares[same_position] = blocks[0]["uniform: same position, other series"]
+    assert shares[True] > shares[False] > 0.0

@@ -16,6 +16,7 @@ from csm_nnunet.trainers.csm_classifier_trainer import (
 )
 from csm_nnunet.trainers.csm_pretrainer import CSMPretrainer
 from csm_nnunet.trainers.csm_pretrainer_ablations import (
+    CSMPretrainer_LR5e3,
     CSMPretrainer_Mask50,
     CSMPretrainer_NormPix,
     CSMPretrainer_NoSeriesMask,
@@ -46,6 +47,7 @@ __all__ = [
     "CSMClassifierTrainer_LayerDecay",
     "CSMClassifierTrainer_SamePositionBias",
     "CSMPretrainer",
+    "CSMPretrainer_LR5e3",
     "CSMPretrainer_Mask50",
     "CSMPretrainer_NoSeriesMask",
     "CSMPretrainer_NormPix",

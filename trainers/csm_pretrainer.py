@@ -54,6 +54,7 @@ class CSMPretrainer(nnUNetTrainer):
     preset: str = "B16"
     amp_dtype: str = "auto"  # CUDA autocast: bfloat16 where supported, else float16 ("float16" forces it)
     warmup_fraction: float = 0.05
+    peak_lr: float = 1e-3  # paper IV.A; CSM_LR overrides it
     snapshot_every: int = 50
     mask_seed: int = 12345
 
@@ -67,7 +68,7 @@ class CSMPretrainer(nnUNetTrainer):
         planned = list(PlansManager(plans).get_configuration(configuration).patch_size)
         fitted = fit_patch_to_tokens(planned, self.token_size, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3  # paper IV.A
+        self.initial_lr = self.peak_lr
         self.weight_decay = 0.05
         self.enable_deep_supervision = False
         # checkpoint_latest after every epoch (nnU-Net: every 50), so a crash or kill -9 loses at most the epoch in
