@@ -213,6 +213,40 @@ def encoder_attention_on_masks(checkpoint: dict, images: np.ndarray, seed: int =
     return [{k: round(float(sums[k][d] / n), 4) for k in names} for d in range(len(net.eva.blocks))]
 
 
+def weight_growth(checkpoint: dict, seed: int = 0) -> list[dict[str, float]]:
+    """Per encoder block, the RMS of each projection's weights in the checkpoint over that of a fresh
+    initialisation of the same network (1 = no larger than at the start). Why: attention that stays uniform after
+    training means the query/key logits stayed near 0; this says whether the query/key weights grew at all while
+    the value, output and MLP weights did."""
+    from csm_nnunet.network import CSMMaskedAutoencoder
+
+    trained = checkpoint["network_weights"]
+    torch.manual_seed(seed)
+    fresh = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"]).state_dict()
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.float().pow(2).mean().sqrt())
+
+    out = []
+    for d in range(sum(1 for k in trained if k.startswith("eva.blocks.") and k.endswith(".norm1.weight"))):
+        b = f"eva.blocks.{d}."
+        parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if b + "attn.qkv.weight" in trained:
+            for i, name in enumerate(("query", "key", "value")):
+                t, f = trained[b + "attn.qkv.weight"], fresh[b + "attn.qkv.weight"]
+                c = t.shape[1]
+                parts[name] = (t[i * c:(i + 1) * c], f[i * c:(i + 1) * c])
+        else:
+            for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+                parts[name] = (trained[b + f"attn.{proj}.weight"], fresh[b + f"attn.{proj}.weight"])
+        for name, key in (("attention output", "attn.proj.weight"), ("mlp in", "mlp.fc1.weight"),
+                          ("mlp out", "mlp.fc2.weight")):
+            if b + key in trained:
+                parts[name] = (trained[b + key], fresh[b + key])
+        out.append({name: round(rms(t) / rms(f), 3) for name, (t, f) in parts.items()})
+    return out
+
+
 def mask_pairing(masker, num_series: int, num_patches: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
     """How often a pretraining mask shows one position in two series, for one masker (one case of ``num_series``
     present series, ``draws`` draws).
@@ -307,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint is not None and not fused:
             results[name]["decoder"] = decoder_attention(checkpoint, images)
             results[name]["encoder on training masks"] = encoder_attention_on_masks(checkpoint, images)
+            results[name]["weight growth"] = weight_growth(checkpoint)
             masking = checkpoint.get("csm_masking", {})
             results[name]["masking"] = {**masking, **mask_pairing(CrossSeriesMasker(**masking), len(series),
                                                                    int(np.prod(grid)))}

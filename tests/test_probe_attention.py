@@ -134,3 +134,21 @@ def test_encoder_attention_on_training_masks_is_uniform_without_logits_and_match
                 block["uniform: same position, other series"], abs=1e-4)
         shares[same_position] = blocks[0]["uniform: same position, other series"]
     assert shares[True] > shares[False] > 0.0
+
+
+def test_weight_growth_is_one_for_a_fresh_network_and_sees_a_grown_projection():
+    from csm_nnunet.network import CSMMaskedAutoencoder
+
+    torch.manual_seed(3)
+    net = CSMMaskedAutoencoder(["a", "b"], (16, 16, 16), "tiny8")
+    checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict()}
+    growth = probe.weight_growth(checkpoint)
+    assert len(growth) == net.preset.depth
+    for block in growth:  # another draw of the same initialisation: the RMS ratios are 1 up to sampling noise
+        assert set(block) >= {"query", "key", "value", "attention output", "mlp in", "mlp out"}
+        assert all(0.9 < v < 1.1 for v in block.values()), block
+    with torch.no_grad():
+        attn = net.eva.blocks[1].attn
+        (attn.k_proj.weight if attn.qkv is None else attn.qkv.weight).mul_(3.0)
+    grown = probe.weight_growth({"csm_network": net.config(), "network_weights": net.state_dict()})[1]
+    assert 2.7 < grown["key"] < 3.3 and 0.9 < grown["query"] < (3.3 if attn.qkv is not None else 1.1)
