@@ -26,7 +26,10 @@ token's attention is split by the key's relation to it:
   then averaged): near ``largest weight`` when every query looks at the same token (an attention sink).
 
 A channel-fused pretraining checkpoint (``MAEPretrainer``) is measured on its own ``N`` tokens (no "other series").
-For pretraining checkpoints of series tokens it also measures the pretraining decoder (:func:`decoder_attention`).
+For pretraining checkpoints of series tokens it also measures, with masks drawn by the checkpoint's own masking
+(``csm_masking``): the pretraining decoder (:func:`decoder_attention`), the encoder on the visible sets it was
+trained on (:func:`encoder_attention_on_masks`), how often those masks show one position in two series
+(:func:`mask_pairing`), and how far each projection's weights grew from their initialisation (:func:`weight_growth`).
 
 Usage (the 96-unlabelled-case folder of docs/experiments.md)::
 
