@@ -142,6 +142,20 @@ class captured_inputs:
             hook.remove()
 
 
+def pretraining_network(checkpoint: dict) -> torch.nn.Module:
+    """The checkpoint's whole pretraining network (encoder and decoder), weights loaded, in eval mode."""
+    from csm_nnunet.network import CSMMaskedAutoencoder
+
+    net = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"])
+    net.load_state_dict(checkpoint["network_weights"])
+    return net.eval()
+
+
+def checkpoint_masker(checkpoint: dict) -> CrossSeriesMasker:
+    """The masker the pretraining run drew its masks with (``csm_masking``; the default one for older checkpoints)."""
+    return CrossSeriesMasker(**checkpoint.get("csm_masking", {}))
+
+
 @torch.no_grad()
 def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
     """The pretraining decoder at work: with masks drawn as in training (the checkpoint's own network and masking,
@@ -149,15 +163,13 @@ def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> li
     (other series: the cross-series fetch), on visible tokens of the same series at the 26 neighbour positions, on
     any visible token, and what uniform attention over the same keys would give. Per block, mean over heads, hidden
     queries and cases. ``checkpoint``: a pretraining checkpoint as loaded (``csm_network``, ``network_weights``)."""
-    from csm_nnunet.network import CSMMaskedAutoencoder, rope_for
+    from csm_nnunet.network import rope_for
 
-    net = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"])
-    net.load_state_dict(checkpoint["network_weights"])
-    net.eval()
+    net = pretraining_network(checkpoint)
     S, N = net.num_groups, net.num_patches
     rel = relation_masks(S, net.grid)
     same_p, near = rel["same position, other series"], rel["same series, neighbour positions"]
-    masker, gen = CrossSeriesMasker(**checkpoint.get("csm_masking", {})), torch.Generator().manual_seed(seed)
+    masker, gen = checkpoint_masker(checkpoint), torch.Generator().manual_seed(seed)
     rope = rope_for(net.decoder, torch.arange(N).repeat(S)[None])
     names = ("visible, same position, other series", "visible, same series, neighbour positions", "any visible")
     sums = {k: torch.zeros(len(net.decoder.blocks)) for k in names}
@@ -187,14 +199,12 @@ def encoder_attention_on_masks(checkpoint: dict, images: np.ndarray, seed: int =
     every token. Per block, mean over heads, visible queries and cases: the mass on visible tokens of other series
     at the query's position (and what uniform attention over the visible set gives it), the largest weight as a
     multiple of uniform (1 = uniform), and the entropy over log(visible count) (1 = uniform)."""
-    from csm_nnunet.network import CSMMaskedAutoencoder, rope_for
+    from csm_nnunet.network import rope_for
 
-    net = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"])
-    net.load_state_dict(checkpoint["network_weights"])
-    net.eval()
+    net = pretraining_network(checkpoint)
     S, N = net.num_groups, net.num_patches
     same_p = relation_masks(S, net.grid)["same position, other series"]
-    masker, gen = CrossSeriesMasker(**checkpoint.get("csm_masking", {})), torch.Generator().manual_seed(seed)
+    masker, gen = checkpoint_masker(checkpoint), torch.Generator().manual_seed(seed)
     names = ("same position, other series", "uniform: same position, other series", "largest weight x uniform",
              "entropy / log(visible)")
     sums = {k: torch.zeros(len(net.eva.blocks)) for k in names}
@@ -224,8 +234,9 @@ def weight_growth(checkpoint: dict, seed: int = 0) -> list[dict[str, float]]:
     from csm_nnunet.network import CSMMaskedAutoencoder
 
     trained = checkpoint["network_weights"]
-    torch.manual_seed(seed)
-    fresh = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"]).state_dict()
+    with torch.random.fork_rng():  # a seeded fresh draw that leaves the caller's random state alone
+        torch.manual_seed(seed)
+        fresh = CSMMaskedAutoencoder.from_config(checkpoint["csm_network"]).state_dict()
 
     def rms(t: torch.Tensor) -> float:
         return float(t.float().pow(2).mean().sqrt())
@@ -345,9 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["decoder"] = decoder_attention(checkpoint, images)
             results[name]["encoder on training masks"] = encoder_attention_on_masks(checkpoint, images)
             results[name]["weight growth"] = weight_growth(checkpoint)
-            masking = checkpoint.get("csm_masking", {})
-            results[name]["masking"] = {**masking, **mask_pairing(CrossSeriesMasker(**masking), len(series),
-                                                                   int(np.prod(grid)))}
+            results[name]["masking"] = {**checkpoint.get("csm_masking", {}),
+                                        **mask_pairing(checkpoint_masker(checkpoint), len(series), int(np.prod(grid)))}
         last = results[name]["blocks"]
         bp.log(f"{name}: same position, other series per block "
                + " / ".join(f"{b['same position, other series']:.3f}" for b in last))
