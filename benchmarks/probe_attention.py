@@ -27,8 +27,8 @@ token's attention is split by the key's relation to it:
 
 A channel-fused pretraining checkpoint (``MAEPretrainer``) is measured on its own ``N`` tokens (no "other series").
 For pretraining checkpoints of series tokens it also measures, with masks drawn by the checkpoint's own masking
-(``csm_masking``): the pretraining decoder (:func:`decoder_attention`), the encoder on the visible sets it was
-trained on (:func:`encoder_attention_on_masks`), how often those masks show one position in two series
+(``csm_masking``): the pretraining decoder (:func:`masked_attention`) and the encoder on the visible sets it
+was trained on (the same function, one forward pass for both), how often those masks show one position in two series
 (:func:`mask_pairing`), and how far each projection's weights grew from their initialisation (:func:`weight_growth`).
 
 Usage (the 96-unlabelled-case folder of docs/experiments.md)::
@@ -157,12 +157,19 @@ def checkpoint_masker(checkpoint: dict) -> CrossSeriesMasker:
 
 
 @torch.no_grad()
-def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
-    """The pretraining decoder at work: with masks drawn as in training (the checkpoint's own network and masking,
-    ``csm_masking``), where do the *hidden* tokens it must reconstruct look? Mass on visible tokens at the same position
-    (other series: the cross-series fetch), on visible tokens of the same series at the 26 neighbour positions, on
-    any visible token, and what uniform attention over the same keys would give. Per block, mean over heads, hidden
-    queries and cases. ``checkpoint``: a pretraining checkpoint as loaded (``csm_network``, ``network_weights``)."""
+def masked_attention(checkpoint: dict, images: np.ndarray, seed: int = 0
+                     ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The pretraining network at work, on masks drawn as in training (the checkpoint's own network and masking,
+    ``csm_masking``; one forward pass per case feeds both probes). ``checkpoint``: a pretraining checkpoint as loaded
+    (``csm_network``, ``network_weights``). Returns, per block, mean over heads, queries and cases:
+
+    * decoder: where do the *hidden* tokens it must reconstruct look? Mass on visible tokens at the same position
+      (other series: the cross-series fetch), on visible tokens of the same series at the 26 neighbour positions, on
+      any visible token, and what uniform attention over the same keys would give;
+    * encoder, on the visible tokens only (where the whole-patch probe of :func:`attention_mass` shows it every
+      token): the mass on visible tokens of other series at the query's position (and what uniform attention over
+      the visible set gives it), the largest weight as a multiple of uniform (1 = uniform), and the entropy over
+      log(visible count) (1 = uniform)."""
     from csm_nnunet.network import rope_for
 
     net = pretraining_network(checkpoint)
@@ -170,60 +177,44 @@ def decoder_attention(checkpoint: dict, images: np.ndarray, seed: int = 0) -> li
     rel = relation_masks(S, net.grid)
     same_p, near = rel["same position, other series"], rel["same series, neighbour positions"]
     masker, gen = checkpoint_masker(checkpoint), torch.Generator().manual_seed(seed)
-    rope = rope_for(net.decoder, torch.arange(N).repeat(S)[None])
-    names = ("visible, same position, other series", "visible, same series, neighbour positions", "any visible")
-    sums = {k: torch.zeros(len(net.decoder.blocks)) for k in names}
-    base = {k: 0.0 for k in names}
+    dec_rope = rope_for(net.decoder, torch.arange(N).repeat(S)[None])
+    dec_names = ("visible, same position, other series", "visible, same series, neighbour positions", "any visible")
+    enc_names = ("same position, other series", "uniform: same position, other series", "largest weight x uniform",
+                 "entropy / log(visible)")
+    dec_sums = {k: torch.zeros(len(net.decoder.blocks)) for k in dec_names}
+    dec_base = {k: 0.0 for k in dec_names}
+    enc_sums = {k: torch.zeros(len(net.eva.blocks)) for k in enc_names}
     for i in range(len(images)):
         mask = masker(1, S, N, generator=gen)
-        with captured_inputs(net.decoder.blocks) as inputs:
+        with captured_inputs(net.eva.blocks) as enc_inputs, captured_inputs(net.decoder.blocks) as dec_inputs:
             net(torch.from_numpy(images[i: i + 1]), mask)
         visible, hidden = mask.visible.reshape(S * N), mask.scored.reshape(S * N)
-        keys = {names[0]: same_p & visible[None], names[1]: near & visible[None],
-                names[2]: visible[None].expand(S * N, S * N)}
+
+        keys = {dec_names[0]: same_p & visible[None], dec_names[1]: near & visible[None],
+                dec_names[2]: visible[None].expand(S * N, S * N)}
         for k, m in keys.items():
-            base[k] += m[hidden].float().sum(-1).mean().item() / (S * N)
-        for d, (blk, h) in enumerate(zip(net.decoder.blocks, inputs)):
-            w = attention_weights(blk.attn, h, rope)[0][:, hidden]  # [H, hidden queries, T]
+            dec_base[k] += m[hidden].float().sum(-1).mean().item() / (S * N)
+        for d, (blk, h) in enumerate(zip(net.decoder.blocks, dec_inputs)):
+            w = attention_weights(blk.attn, h, dec_rope)[0][:, hidden]  # [H, hidden queries, T]
             for k, m in keys.items():
-                sums[k][d] += (w * m[hidden]).sum(-1).mean().item()
-    n = len(images)
-    return [{**{k: round(float(sums[k][d] / n), 4) for k in names},
-             **{f"uniform: {k}": round(base[k] / n, 4) for k in names}} for d in range(len(net.decoder.blocks))]
+                dec_sums[k][d] += (w * m[hidden]).sum(-1).mean().item()
 
-
-@torch.no_grad()
-def encoder_attention_on_masks(checkpoint: dict, images: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
-    """The pretraining encoder on the inputs it was trained on: only the visible tokens of masks drawn as in
-    training (the checkpoint's ``csm_masking``), where the whole-patch probe of :func:`attention_mass` shows it
-    every token. Per block, mean over heads, visible queries and cases: the mass on visible tokens of other series
-    at the query's position (and what uniform attention over the visible set gives it), the largest weight as a
-    multiple of uniform (1 = uniform), and the entropy over log(visible count) (1 = uniform)."""
-    from csm_nnunet.network import rope_for
-
-    net = pretraining_network(checkpoint)
-    S, N = net.num_groups, net.num_patches
-    same_p = relation_masks(S, net.grid)["same position, other series"]
-    masker, gen = checkpoint_masker(checkpoint), torch.Generator().manual_seed(seed)
-    names = ("same position, other series", "uniform: same position, other series", "largest weight x uniform",
-             "entropy / log(visible)")
-    sums = {k: torch.zeros(len(net.eva.blocks)) for k in names}
-    for i in range(len(images)):
-        mask = masker(1, S, N, generator=gen)
-        with captured_inputs(net.eva.blocks) as inputs:
-            net(torch.from_numpy(images[i: i + 1]), mask)
-        ids = mask.visible.reshape(S * N).nonzero()[:, 0]  # the encoder's token order (gather_kept keeps it)
+        ids = visible.nonzero()[:, 0]  # the encoder's token order (gather_kept keeps it)
         L = len(ids)
         pair = same_p[ids][:, ids].float()
-        rope = rope_for(net.eva, (ids % N)[None])
-        for d, (blk, h) in enumerate(zip(net.eva.blocks, inputs)):
-            w = attention_weights(blk.attn, h, rope)[0]  # [H, L, L]
-            sums[names[0]][d] += (w * pair).sum(-1).mean().item()
-            sums[names[1]][d] += pair.sum(-1).mean().item() / L
-            sums[names[2]][d] += (w.amax(-1) * L).mean().item()
-            sums[names[3]][d] += (-(w * w.clamp_min(1e-12).log()).sum(-1) / np.log(L)).mean().item()
+        enc_rope = rope_for(net.eva, (ids % N)[None])
+        for d, (blk, h) in enumerate(zip(net.eva.blocks, enc_inputs)):
+            w = attention_weights(blk.attn, h, enc_rope)[0]  # [H, L, L]
+            enc_sums[enc_names[0]][d] += (w * pair).sum(-1).mean().item()
+            enc_sums[enc_names[1]][d] += pair.sum(-1).mean().item() / L
+            enc_sums[enc_names[2]][d] += (w.amax(-1) * L).mean().item()
+            enc_sums[enc_names[3]][d] += (-(w * w.clamp_min(1e-12).log()).sum(-1) / np.log(L)).mean().item()
     n = len(images)
-    return [{k: round(float(sums[k][d] / n), 4) for k in names} for d in range(len(net.eva.blocks))]
+    decoder = [{**{k: round(float(dec_sums[k][d] / n), 4) for k in dec_names},
+                **{f"uniform: {k}": round(dec_base[k] / n, 4) for k in dec_names}}
+               for d in range(len(net.decoder.blocks))]
+    encoder = [{k: round(float(enc_sums[k][d] / n), 4) for k in enc_names} for d in range(len(net.eva.blocks))]
+    return decoder, encoder
 
 
 def weight_growth(checkpoint: dict, seed: int = 0) -> list[dict[str, float]]:
@@ -245,11 +236,10 @@ def weight_growth(checkpoint: dict, seed: int = 0) -> list[dict[str, float]]:
     for d in range(sum(1 for k in trained if k.startswith("eva.blocks.") and k.endswith(".norm1.weight"))):
         b = f"eva.blocks.{d}."
         parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if b + "attn.qkv.weight" in trained:
+        if b + "attn.qkv.weight" in trained:  # one [3C, C] projection: query, key and value rows in turn
+            qkv = trained[b + "attn.qkv.weight"].chunk(3), fresh[b + "attn.qkv.weight"].chunk(3)
             for i, name in enumerate(("query", "key", "value")):
-                t, f = trained[b + "attn.qkv.weight"], fresh[b + "attn.qkv.weight"]
-                c = t.shape[1]
-                parts[name] = (t[i * c:(i + 1) * c], f[i * c:(i + 1) * c])
+                parts[name] = (qkv[0][i], qkv[1][i])
         else:
             for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
                 parts[name] = (trained[b + f"attn.{proj}.weight"], fresh[b + f"attn.{proj}.weight"])
@@ -261,7 +251,8 @@ def weight_growth(checkpoint: dict, seed: int = 0) -> list[dict[str, float]]:
     return out
 
 
-def mask_pairing(masker, num_series: int, num_patches: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+def mask_pairing(masker: CrossSeriesMasker, num_series: int, num_patches: int, draws: int = 2000,
+                 seed: int = 0) -> dict[str, float]:
     """How often a pretraining mask shows one position in two series, for one masker (one case of ``num_series``
     present series, ``draws`` draws).
 
@@ -353,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"kind": kind, "checkpoint": path, "fused": fused,
                          "blocks": attention_mass(net.eval(), images, fused_masks if fused else masks)}
         if checkpoint is not None and not fused:
-            results[name]["decoder"] = decoder_attention(checkpoint, images)
-            results[name]["encoder on training masks"] = encoder_attention_on_masks(checkpoint, images)
+            results[name]["decoder"], results[name]["encoder on training masks"] = masked_attention(checkpoint, images)
             results[name]["weight growth"] = weight_growth(checkpoint)
             results[name]["masking"] = {**checkpoint.get("csm_masking", {}),
                                         **mask_pairing(checkpoint_masker(checkpoint), len(series), int(np.prod(grid)))}

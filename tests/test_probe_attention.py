@@ -83,7 +83,7 @@ def test_decoder_attention_of_a_pretraining_checkpoint():
     net = CSMMaskedAutoencoder(["a", "b", "c", "d"], (16, 16, 24), "tiny8")
     checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict()}
     images = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 24)).astype(np.float32)
-    blocks = probe.decoder_attention(checkpoint, images)
+    blocks, _ = probe.masked_attention(checkpoint, images)
     assert len(blocks) == net.preset.decoder_depth
     for block in blocks:
         assert 0.0 <= block["visible, same position, other series"] <= block["any visible"] <= 1.0
@@ -118,14 +118,14 @@ def test_encoder_attention_on_training_masks_is_uniform_without_logits_and_match
     net = CSMMaskedAutoencoder(["a", "b", "c", "d"], (16, 16, 24), "tiny8")
     images = np.random.default_rng(0).normal(size=(3, 4, 16, 16, 24)).astype(np.float32)
     checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict()}
-    for block in probe.encoder_attention_on_masks(checkpoint, images):
+    for block in probe.masked_attention(checkpoint, images)[1]:
         assert block["largest weight x uniform"] > 1.0 and 0.0 < block["entropy / log(visible)"] < 1.0
     zero_query_key(net.eva.blocks)
     shares = {}
     for same_position in (False, True):
         checkpoint = {"csm_network": net.config(), "network_weights": net.state_dict(),
                       "csm_masking": {"mask_ratio": 0.5, "same_position": same_position}}
-        blocks = probe.encoder_attention_on_masks(checkpoint, images)
+        _, blocks = probe.masked_attention(checkpoint, images)
         assert len(blocks) == net.preset.depth
         for block in blocks:
             assert block["largest weight x uniform"] == pytest.approx(1.0, abs=1e-4)
