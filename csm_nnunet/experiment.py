@@ -24,6 +24,8 @@ arms:
   4x / 8x as often as under CSM's independent 87.5 % masks (does the cross-series attention then form?);
 * ``csm-lr5e3-nodrop-decfirst``  the same recipe from a ``CSMPretrainer_LR5e3`` encoder (pretraining peak lr 5e-3
   instead of 1e-3: does the encoder's attention, uniform after 1e-3 pretraining here, then form?);
+* ``csm-normpix-nodrop-decfirst``  the same recipe from a ``CSMPretrainer_NormPix`` encoder (each hidden patch's
+  target normalised to zero mean and unit variance, MAE practice: the case-level average no longer explains it);
 * ``scratch-drop10`` / ``csm-drop10``  ``CSMSegTrainer_SeriesDropout10`` (series dropout on 10 % of cases instead of
   20 %) from scratch and from a ``CSMPretrainer`` encoder;
 * ``primus-scratch`` / ``primus-csm``  nnU-Net's own ``nnUNet_Primus_S_Trainer`` (shortened) from scratch and from a
@@ -36,7 +38,8 @@ tumour core, enhancing). With ``--missing`` every arm also predicts the held-out
 series replaced by an all-zero image (the package's missing-series convention) and reports the Dice drop.
 
 ``cls`` arms (``CLS_ARMS``): ``scratch`` / ``csm`` (``CSMClassifierTrainer`` without / with a CSM encoder),
-``fused`` / ``mae`` (the channel-fused-token classifier from scratch / from ``MAEPretrainer``), ``csm-layerdecay``.
+``fused`` / ``mae`` (the channel-fused-token classifier from scratch / from ``MAEPretrainer``), ``csm-layerdecay``,
+``csm-lr5e3`` (``CSMClassifierTrainer`` from a ``CSMPretrainer_LR5e3`` encoder).
 The held-out cases are classified with ``csm_nnunet classify`` and scored (AUC, accuracy, sensitivity, specificity)
 against dataset.json's labels; ``--missing`` repeats that per zeroed series. Results: ``results_cls.json/.md``.
 
@@ -86,6 +89,7 @@ ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "csm-samepos-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_SamePositionMask",
                                     None),
     "csm-lr5e3-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_LR5e3", None),
+    "csm-normpix-nodrop-decfirst": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst", "CSMPretrainer_NormPix", None),
     "scratch-nodrop-posbias": ("CSMSegTrainer_NoSeriesDropout_SamePositionBias", None, None),
     "csm-nodrop-decfirst-posbias": ("CSMSegTrainer_NoSeriesDropout_DecoderFirst_SamePositionBias", "CSMPretrainer",
                                     None),
@@ -120,6 +124,7 @@ CLS_ARMS: dict[str, tuple[str, str | None, str | None]] = {
     "scratch-headfirst": ("CSMClassifierTrainer_HeadFirst", None, None),
     "scratch-posbias": ("CSMClassifierTrainer_SamePositionBias", None, None),
     "csm-posbias": ("CSMClassifierTrainer_SamePositionBias", "CSMPretrainer", None),
+    "csm-lr5e3": ("CSMClassifierTrainer", "CSMPretrainer_LR5e3", None),
     **{arm: ("CSMClassifierTrainer", pretrainer, None) for arm, pretrainer in ABLATIONS.items()},
 }
 #: ``--grid``: the paper's rows (full CSM, its ablations, channel-fused MAE, scratch) plus the channel-fused ViT and,
