@@ -45,6 +45,7 @@ import argparse
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -330,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     fused_masks = relation_masks(1, grid)  # a channel-fused encoder (MAEPretrainer): one token per position
-    for i, (name, kind, path) in enumerate(encoders):
-        # a random encoder's draw depends on its own number only, not on how many checkpoints are listed before it
-        torch.manual_seed(2000 + int(name.removeprefix("random")) if kind == "random" else 1000 + i)
+    for name, kind, path in encoders:
+        # seeded by the encoder's name, so that listing more checkpoints does not redraw a random encoder
+        torch.manual_seed(zlib.crc32(name.encode()))
         # a pretraining checkpoint is read once here for its config and decoder (the encoder goes through the loader
         # -pretrained_weights uses, which reads and checks the file itself)
         checkpoint = torch.load(path, map_location="cpu", weights_only=False) if kind == "pretrained" else None
