@@ -1,7 +1,8 @@
 """``csm_nnunet demo``: the whole workflow in one command, through nnU-Net's real entry points.
 
 Synthetic 4-series brain phantoms (``make-dataset``: segmentation labels and a benign/malignant label that only the
-T1ce-vs-T1 relation reveals) -> ``nnUNetv2_plan_and_preprocess -pl CSMPlanner`` -> ``CSMPretrainer`` -> segmentation
+T1ce-vs-T1 relation reveals) -> ``nnUNetv2_plan_and_preprocess -pl CSMPlanner -fpe CSMFingerprintExtractor`` ->
+``CSMPretrainer`` -> segmentation
 fine-tuning (``CSMSegTrainer``) from the CSM encoder and from scratch -> ``nnUNetv2_predict`` on held-out cases and
 Dice -> classification (``CSMClassifierTrainer``) from CSM and from scratch -> ``csm_nnunet classify`` and AUC ->
 a results table and where the pictures are. It is the experiment runner (:mod:`csm_nnunet.experiment`) with two arms

@@ -635,8 +635,9 @@ def prepare(args: argparse.Namespace) -> Context:
         reuse_timing(out, timings, "plan_and_preprocess")
     else:
         record_timing(out, timings, "plan_and_preprocess", run(
-            ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-c", CONFIG,
-             "-np", "1", "-npfp", "1"], join(out, "results", "_plan"), {"nnUNet_n_proc_DA": "1"}, "plan"))
+            ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-fpe",
+             "CSMFingerprintExtractor", "-c", CONFIG, "-np", "1", "-npfp", "1"], join(out, "results", "_plan"),
+            {"nnUNet_n_proc_DA": "1"}, "plan"))
     split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed,
                          tuple(getattr(args, "fractions", None) or ()), ds.get("classification_labels"))
     steps = {"pretrain": args.pretrain_epochs * args.iters, "finetune": args.epochs * args.iters}
