@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from csm_nnunet.validate import check_3d_configuration
+
 
 def channel_names_of(dataset_json: dict) -> list[str]:
     """Series names in channel order from dataset.json (``channel_names``, or the older ``modality``)."""
@@ -24,9 +26,7 @@ def fit_patch_to_tokens(patch_size: Sequence[int], token_size: int,
 
     Rounding down keeps the cost bounded and never pads with empty tokens; an axis below one token is an error.
     """
-    if len(patch_size) != 3:
-        raise ValueError(f"configuration {configuration!r} has patch size {list(patch_size)}: csm-nnunet's ViTs are "
-                         f"3D only (2D is not supported). Train the 3d_fullres configuration.")
+    check_3d_configuration(patch_size, configuration)
     small = [i for i, p in enumerate(patch_size) if p < token_size]
     if small:
         raise ValueError(f"patch size {list(patch_size)} of configuration {configuration!r} is smaller than one "

@@ -387,18 +387,27 @@ def torch_file_problem(path: str) -> str | None:
     return None
 
 
+def check_3d_configuration(patch_size: Sequence[int], configuration: str) -> None:
+    """Refuse a 2D configuration: the ViTs cut 3D tokens. Checked from the plans, so a user who asks for ``2d`` hears
+    this rather than that the (unneeded) 2d preprocessing is missing."""
+    if len(patch_size) != 3:
+        raise ValueError(f"configuration {configuration!r} has patch size {list(patch_size)}: csm-nnunet's ViTs are "
+                         f"3D only (2D is not supported). Train the 3d_fullres configuration.")
+
+
 def check_training_setup(plans: Mapping, configuration: str, fold: int | str, dataset_json: Mapping,
                          series_names: Sequence[str]) -> list[str]:
     """What a trainer can check before nnU-Net creates its output folder: dataset.json ``missing_series`` and the
-    preprocessed cases for ``fold`` (see :func:`check_missing_series`, :func:`check_trainable_cases`). Returns the
-    preprocessed case ids ([] when ``nnUNet_preprocessed`` is not set)."""
+    preprocessed cases for ``fold`` (see :func:`check_missing_series`, :func:`check_trainable_cases`), and that the
+    configuration is 3D. Returns the preprocessed case ids ([] when ``nnUNet_preprocessed`` is not set)."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     check_missing_series(dataset_json, series_names, source="the preprocessed dataset.json")
+    pm = PlansManager(dict(plans))
+    check_3d_configuration(pm.get_configuration(configuration).patch_size, configuration)
     if not nnUNet_preprocessed:
         return []  # nnU-Net itself says that the variable is missing
-    pm = PlansManager(dict(plans))
     base = join(nnUNet_preprocessed, pm.dataset_name)
     return check_trainable_cases(join(base, pm.get_configuration(configuration).data_identifier), fold,
                           join(base, "splits_final.json"))

@@ -167,7 +167,15 @@ def test_one_series_dataset_warns_and_trains(real):
     ds = json.loads((REAL / "dataset.json").read_text())
     ds["channel_names"] = {"0": "FLAIR"}
     (one / "dataset.json").write_text(json.dumps(ds))
-    plan(real, 802)
+    plan(real, 802, fpe=None)  # the plain command, nnU-Net's own fingerprint extractor
+    # its 10^8-voxel intensity sample vs CSMFingerprintExtractor's 10^6 (the fixture's 801): same FLAIR lesion voxels
+    pre = Path(real["nnUNet_preprocessed"])
+    key = "foreground_intensity_properties_per_channel"
+    ours = json.loads((pre / REAL.name / "dataset_fingerprint.json").read_text())[key]["3"]
+    ref = json.loads((pre / one.name / "dataset_fingerprint.json").read_text())[key]["0"]
+    stats = ("mean", "median", "std", "percentile_00_5", "percentile_99_5")
+    assert all(abs(ours[s] - ref[s]) < 0.02 * ref["std"] for s in stats), (ours, ref)
+    assert any(ours[s] != ref[s] for s in stats), "the same statistics: was the smaller sample drawn at all?"
     train(real, 802, "CSMPretrainer", "nnUNetCSMPlans", {"CSM_NUM_EPOCHS": "1", "CSM_ITERS_PER_EPOCH": "1"})
     folder = fold_dir(real, one.name, "CSMPretrainer", "nnUNetCSMPlans")
     assert "single series ['FLAIR']" in log_text(folder) and "intra-series masking" in log_text(folder)
