@@ -405,9 +405,9 @@ def check_training_setup(plans: Mapping, configuration: str, fold: int | str, da
 
     check_missing_series(dataset_json, series_names, source="the preprocessed dataset.json")
     pm = PlansManager(dict(plans))
-    check_3d_configuration(pm.get_configuration(configuration).patch_size, configuration)
+    cm = pm.get_configuration(configuration)
+    check_3d_configuration(cm.patch_size, configuration)
     if not nnUNet_preprocessed:
         return []  # nnU-Net itself says that the variable is missing
     base = join(nnUNet_preprocessed, pm.dataset_name)
-    return check_trainable_cases(join(base, pm.get_configuration(configuration).data_identifier), fold,
-                          join(base, "splits_final.json"))
+    return check_trainable_cases(join(base, cm.data_identifier), fold, join(base, "splits_final.json"))

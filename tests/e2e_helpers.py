@@ -30,7 +30,8 @@ def run(cmd: list[str], env: dict[str, str], check: bool = True) -> subprocess.C
 def plan(env: dict[str, str], dataset_id: int, planner: str | None = "CSMPlanner",
          configurations: tuple[str, ...] = ("3d_fullres",), fpe: str | None = "CSMFingerprintExtractor") -> None:
     """``nnUNetv2_plan_and_preprocess``; ``fpe=None`` is nnU-Net's own fingerprint extractor (its 10^8-voxel intensity
-    sample costs ~20 s per dataset here, so the fixtures use ours and one test keeps the plain command)."""
+    sample took ~50 s for Dataset801 here, docs/benchmarks.md; the fixtures use ours and one test keeps the plain
+    command)."""
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must be >= 1 there
     cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1"]
     cmd += (["-pl", planner] if planner else []) + (["-fpe", fpe] if fpe else [])
