@@ -165,15 +165,27 @@ class Runner:
 
     out: str
     threads: int
+    device: str = "cpu"
     log_lines: list[str] = field(default_factory=list)
 
     def env(self, results: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of every console script. Data augmentation: an ``nnUNet_n_proc_DA`` the user set wins;
+        otherwise none on CPU (worker processes cost tens of seconds to start and compete with the training step for
+        the same few cores) and nnU-Net's own default on CUDA, where the step is fast and augmentation in the main
+        process would leave the GPU waiting."""
         env = dict(os.environ)
         env.update({"nnUNet_raw": join(self.out, "raw"), "nnUNet_preprocessed": join(self.out, "preprocessed"),
-                    "nnUNet_results": results, "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0",
-                    "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": str(self.threads)})
+                    "nnUNet_results": results, "nnUNet_compile": "f", "nnUNet_def_n_proc": "1",
+                    "OMP_NUM_THREADS": str(self.threads)})
+        if "nnUNet_n_proc_DA" not in os.environ and self.device == "cpu":
+            env["nnUNet_n_proc_DA"] = "0"
         env.update(extra or {})
         return env
+
+    @property
+    def preprocessing_processes(self) -> str:
+        """``-np``/``-npfp`` of the planning step: 1 on a 2-core machine (as measured there), up to 8 on more."""
+        return str(max(1, min(8, self.threads // 2)))
 
     def __call__(self, cmd: list[str], results: str, extra: dict[str, str] | None = None, log_name: str = "",
                  epochs: int | None = None) -> float:
@@ -593,7 +605,7 @@ def prepare(args: argparse.Namespace) -> Context:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     raw, pre = join(out, "raw"), join(out, "preprocessed")
-    run = Runner(out, args.threads)
+    run = Runner(out, args.threads, args.device)
     t_start = time.time()
     arms = expand_seeds([a.strip() for a in args.arms.split(",") if a.strip()], getattr(args, "seeds", 1))
     unknown = [a for a in arms if arm_spec(a, args.study) is None]
@@ -636,7 +648,8 @@ def prepare(args: argparse.Namespace) -> Context:
     else:
         record_timing(out, timings, "plan_and_preprocess", run(
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-fpe",
-             "CSMFingerprintExtractor", "-c", CONFIG, "-np", "1", "-npfp", "1"], join(out, "results", "_plan"),
+             "CSMFingerprintExtractor", "-c", CONFIG, "-np", run.preprocessing_processes, "-npfp",
+             run.preprocessing_processes], join(out, "results", "_plan"),
             {"nnUNet_n_proc_DA": "1"}, "plan"))
     split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed,
                          tuple(getattr(args, "fractions", None) or ()), ds.get("classification_labels"))
@@ -929,8 +942,7 @@ def markdown_grid(summary: dict) -> str:
                 cells.append(_mean_sd(vals) + (f" ({len(vals)} of {n})" if vals and len(vals) != n else ""))
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}, device {m.get('device')}; {wall_note(summary)}"]
+    lines += [f"{machine_line(m)}; {wall_note(summary)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -979,9 +991,22 @@ def machine_description(threads: int, device: str = "cpu") -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
+    da = os.environ.get("nnUNet_n_proc_DA")
+    if da is None:
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+        da = "0" if device == "cpu" else str(get_allowed_n_proc_DA())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "da_workers": int(da),
             "torch": torch.__version__, "python": platform.python_version(), "device": device,
             **({"gpu": torch.cuda.get_device_name(0)} if device == "cuda" and torch.cuda.is_available() else {})}
+
+
+def machine_line(m: dict) -> str:
+    """The footer line of a table: where it ran, so a number is never read without its machine."""
+    workers = f", {m['da_workers']} augmentation workers" if m.get("da_workers") else ""
+    gpu = f" ({m['gpu']})" if m.get("gpu") else ""
+    return (f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads{workers}), "
+            f"torch {m.get('torch')}, device {m.get('device')}{gpu}")
 
 
 def markdown(summary: dict) -> str:
@@ -1017,8 +1042,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {arm} | {r['dice']['complete'][key]:.3f} | "
                          + " | ".join(f"{r['dice'][m][key]:.3f}" for m in missing) + " |")
     m = summary.get("machine", {})
-    lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}; {wall_note(summary)}"]
+    lines += ["", f"{machine_line(m)}; {wall_note(summary)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -1227,8 +1251,7 @@ def _markdown_cls(summary: dict) -> str:
                 lines.append(f"| {arm} | {_fmt(r['metrics']['complete']['auc'])} | "
                              + " | ".join(_fmt(r["metrics"][k]["auc"]) for k in missing) + " |")
     m = summary.get("machine", {})
-    lines += ["", f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads), torch "
-              f"{m.get('torch')}; {wall_note(summary)}"]
+    lines += ["", f"{machine_line(m)}; {wall_note(summary)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -10,11 +10,13 @@ import SimpleITK as sitk
 from csm_nnunet.experiment import (
     ARMS,
     CLS_ARMS,
+    Runner,
     _read_probabilities,
     arm_spec,
     class_table,
     compute_total,
     held_out_classes,
+    machine_line,
     markdown,
     record_timing,
     region_dice,
@@ -555,3 +557,23 @@ def test_finetune_lr_reaches_the_fine_tuning_runs_only_under_their_own_names(tmp
     footer = wall_note({"wall_s": 60, "finetune_lr": 1e-3, "environment": {"CSM_MASK_SEED": "7"}})
     assert "min. Fine-tuning peak lr 0.001 (--finetune-lr); set in" in footer and "CSM_MASK_SEED=7" in footer
     assert settings_note({"finetune_lr": None, "environment": {}}) == ""
+
+
+def test_augmentation_workers_none_on_cpu_nnunets_default_on_cuda_and_the_users_value_wins(tmp_path, monkeypatch):
+    """On 2 CPU cores worker processes cost more than they give, so the runner turns them off there; on CUDA the
+    main process must not augment while the GPU waits, so nnU-Net picks its own number. A value the user exported is
+    nnU-Net's documented knob and is kept on either device."""
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    assert Runner(str(tmp_path), 2, "cpu").env("r")["nnUNet_n_proc_DA"] == "0"
+    assert "nnUNet_n_proc_DA" not in Runner(str(tmp_path), 16, "cuda").env("r")
+    assert Runner(str(tmp_path), 16, "cuda").env("r", {"nnUNet_n_proc_DA": "1"})["nnUNet_n_proc_DA"] == "1"
+    monkeypatch.setenv("nnUNet_n_proc_DA", "3")
+    for device in ("cpu", "cuda"):
+        assert Runner(str(tmp_path), 2, device).env("r")["nnUNet_n_proc_DA"] == "3"
+    assert Runner(str(tmp_path), 2).preprocessing_processes == "1"
+    assert Runner(str(tmp_path), 16).preprocessing_processes == "8"
+    line = machine_line({"cpu": "x", "cores": 16, "torch_threads": 16, "da_workers": 12, "torch": "2",
+                         "device": "cuda", "gpu": "NVIDIA H200"})
+    assert line == ("Machine: x (16 cores, 16 torch threads, 12 augmentation workers), torch 2, "
+                    "device cuda (NVIDIA H200)")
+    assert "augmentation" not in machine_line({"cpu": "x", "cores": 2, "torch_threads": 2, "da_workers": 0})
