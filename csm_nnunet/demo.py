@@ -9,7 +9,9 @@ a results table and where the pictures are. It is the experiment runner (:mod:`c
 per task and a budget sized to ``--minutes``; every step is a console script in a subprocess.
 
 The default fits about 15 minutes on 2 CPU cores (measured, see README); on a CUDA machine the same command trains a
-larger setting on the GPU. ``--tiny`` is a 3-minute check that everything runs (its numbers mean nothing).
+larger setting on the GPU, with nnU-Net's augmentation workers (predicted ~15 minutes on one H200 from the measured
+rates of a run at a tenth of its budget; docs/benchmarks.md). ``--tiny`` is a 3-minute check that everything runs
+(its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from os.path import join
 SETTINGS: dict[str, dict] = {
     "cpu": {"preset": "small8", "cases": 24, "val": 8, "labelled": 8, "shape": 48, "iters": 10,
             "pretrain_steps": 240, "seg_steps": 90, "cls_steps": 100, "minutes": 15.0},
-    "gpu": {"preset": "small8", "cases": 64, "val": 16, "labelled": 16, "shape": 64, "iters": 50,
+    # iters: nnU-Net's 250, since each epoch costs ~1.1 s between epochs (log, progress plot); at 50 that was a third
+    # of a pretraining epoch on an H200 (docs/benchmarks.md, "Trainers on a GPU")
+    "gpu": {"preset": "small8", "cases": 64, "val": 16, "labelled": 16, "shape": 64, "iters": 250,
             "pretrain_steps": 5000, "seg_steps": 1500, "cls_steps": 1500, "minutes": 15.0},
     "tiny": {"preset": "tiny", "cases": 6, "val": 2, "labelled": 3, "shape": 48, "iters": 2,
              "pretrain_steps": 2, "seg_steps": 2, "cls_steps": 2, "minutes": 3.0},
