@@ -20,8 +20,9 @@ some series only, and the per-case class label can only be read from the *relati
   only their combination does.
 
 Images get partial-volume blur, a smooth multiplicative bias field, Rician noise and an arbitrary per-case intensity
-scale (MRI has no absolute units), so models cannot shortcut on raw intensities. Anatomy (size, position, rotation)
-and lesion location vary per case.
+scale (MRI has no absolute units), so models cannot shortcut on raw intensities. Optionally (``--lowres-series``)
+some series are acquired coarser and resampled back onto the grid, as 2D and echo-planar clinical series are.
+Anatomy (size, position, rotation) and lesion location vary per case.
 
 Conventions: ``shape`` and ``spacing`` are given in numpy array order (z, y, x), the order nnU-Net reports them in
 its fingerprint and plans; the files are written with SimpleITK, which stores spacing in (x, y, z) order.
@@ -95,6 +96,36 @@ _SERIES_PHYSICS: dict[str, tuple[float, float, bool]] = {
     "ADC": (0.040, 3000.0, False),
     "DWI": (0.060, 500.0, True),
 }
+
+
+#: With ``lowres_series``: how many times coarser than the grid each series is acquired, per axis (z, y, x), as in
+#: common clinical protocols. Brain: T1 and T1ce as 3D isotropic sequences, T2 and FLAIR as 2D sequences with twice
+#: the slice thickness. Prostate: T2w in-plane at full resolution with twice the slice thickness; DWI (and the ADC
+#: map computed from it) echo-planar, twice as coarse in every axis. Series not listed are acquired on the grid.
+LOWRES_FACTORS: dict[str, dict[str, tuple[int, int, int]]] = {
+    "brain": {"T2": (2, 1, 1), "FLAIR": (2, 1, 1)},
+    "prostate": {"T2w": (2, 1, 1), "ADC": (2, 2, 2), "DWI": (2, 2, 2)},
+}
+
+
+def _acquire_low(signal: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """The signal an acquisition ``factors`` times coarser records: the mean over each block of grid voxels (a box
+    slice profile / voxel), edge-padded where the grid is not a multiple of the factor."""
+    pad = [(0, (-n) % f) for n, f in zip(signal.shape, factors)]
+    padded = np.pad(signal, pad, mode="edge")
+    z, y, x = (n // f for n, f in zip(padded.shape, factors))
+    fz, fy, fx = factors
+    return padded.reshape(z, fz, y, fy, x, fx).mean(axis=(1, 3, 5)).astype(np.float32)
+
+
+def _resample_to_grid(low: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
+    """Linear interpolation of a coarse acquisition back onto the grid, as scanners and nnU-Net's users do when
+    series of one study are brought onto one grid. Grid voxel i lies at low-resolution index (i + 0.5) / f - 0.5."""
+    from scipy.ndimage import map_coordinates
+
+    axes = [np.clip((np.arange(n) + 0.5) / f - 0.5, 0.0, m - 1) for n, f, m in zip(shape, factors, low.shape)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    return map_coordinates(low, coords, order=1, mode="nearest").astype(np.float32)
 
 
 class SyntheticDatasetError(ValueError):
@@ -295,8 +326,13 @@ def _prostate_tissue_map(rng: np.random.Generator, grid: _Grid, malignant: bool,
 # ----------------------------------------------------------------------------------------------------------------
 
 def _make_case(kind: str, shape: tuple[int, int, int], spacing: tuple[float, float, float], malignant: bool,
-               variant: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 (C, Z, Y, X), labels uint8 (Z, Y, X)) of one phantom."""
+               variant: int, rng: np.random.Generator, lowres_series: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (C, Z, Y, X), labels uint8 (Z, Y, X)) of one phantom.
+
+    With ``lowres_series`` the series of :data:`LOWRES_FACTORS` are acquired coarser (block mean), get their noise
+    and magnitude at that resolution, and are interpolated back onto the grid: thin structures blur across slices
+    and the noise becomes spatially correlated, as in resampled clinical series. Without it the random draws and
+    the output are exactly those of earlier versions, so every documented run stays reproducible."""
     from scipy.ndimage import gaussian_filter
 
     grid = _Grid(shape, spacing)
@@ -318,12 +354,17 @@ def _make_case(kind: str, shape: tuple[int, int, int], spacing: tuple[float, flo
         if has_bias:
             series_bias = _smooth_field(rng, grid, grid.fov, amplitude=0.06)
             signal = signal * (shared_bias * series_bias)
-        n1 = rng.normal(0.0, noise_sd, size=shape).astype(np.float32)
+        factors = LOWRES_FACTORS[kind].get(series, (1, 1, 1)) if lowres_series else (1, 1, 1)
+        if factors != (1, 1, 1):
+            signal = _acquire_low(signal, factors)
+        n1 = rng.normal(0.0, noise_sd, size=signal.shape).astype(np.float32)
         if series == "ADC":  # a computed map: Gaussian noise, clipped at zero
             signal = np.maximum(signal + n1, 0.0)
         else:  # magnitude images: Rician noise, hence a non-zero noisy background like real scans
-            n2 = rng.normal(0.0, noise_sd, size=shape).astype(np.float32)
+            n2 = rng.normal(0.0, noise_sd, size=signal.shape).astype(np.float32)
             signal = np.sqrt((signal + n1) ** 2 + n2 ** 2)
+        if factors != (1, 1, 1):
+            signal = _resample_to_grid(signal, factors, shape)
         jitter = rng.uniform(0.95, 1.05) if series == "ADC" else rng.uniform(0.7, 1.3)
         images[c] = (signal * np.float32(scale * jitter)).astype(np.float32)
     return images, labels
@@ -359,7 +400,7 @@ def _prepare_target(out_folder: str) -> tuple[str, str]:
 def make_synthetic_dataset(out_folder: str, num_cases: int = 6, kind: str = "brain",
                            shape: tuple[int, int, int] = (48, 48, 48),
                            spacing: tuple[float, float, float] = (1.5, 1.5, 1.5), seed: int = 0,
-                           missing_series_prob: float = 0.0) -> dict:
+                           missing_series_prob: float = 0.0, lowres_series: bool = False) -> dict:
     """Write ``num_cases`` phantoms of ``kind`` into ``out_folder`` (nnU-Net raw layout); return the dataset.json.
 
     The folder is built next to the target and renamed into place at the end, so an interrupted run never leaves a
@@ -371,6 +412,11 @@ def make_synthetic_dataset(out_folder: str, num_cases: int = 6, kind: str = "bra
 
     With ``missing_series_prob > 0`` each series of each case is independently replaced by an all-zero image with
     that probability (at least one series per case is kept); dataset.json lists them under ``missing_series``.
+
+    With ``lowres_series`` some series are acquired at a lower resolution and resampled back onto the grid
+    (:data:`LOWRES_FACTORS`; dataset.json lists the factors under ``csm_synthetic``). Off by default, so that the
+    data behind every documented experiment is unchanged; labels and the series acquired on the grid before the
+    first coarse one are identical either way.
     """
     import SimpleITK as sitk
 
@@ -387,7 +433,8 @@ def make_synthetic_dataset(out_folder: str, num_cases: int = 6, kind: str = "bra
             case = f"{kind}_{i:03d}"
             malignant = bool((i + first_class) % 2)
             variant = (i // 2) % 2  # alternates between consecutive cases of the same class
-            images, labels = _make_case(kind, shape, spacing, malignant, variant, np.random.default_rng([seed, i]))
+            images, labels = _make_case(kind, shape, spacing, malignant, variant, np.random.default_rng([seed, i]),
+                                        lowres_series=lowres_series)
             if missing_series_prob > 0:
                 drop = np.random.default_rng([seed, i, 0x5E41E5]).random(len(series)) < missing_series_prob
                 if drop.all():  # keep at least one series, chosen deterministically
@@ -416,7 +463,9 @@ def make_synthetic_dataset(out_folder: str, num_cases: int = 6, kind: str = "bra
             "classification_roi_labels": ["lesion"] if kind == "prostate" else ["edema", "enhancing", "necrosis"],
             "missing_series": missing,
             "csm_synthetic": {"kind": kind, "seed": int(seed), "shape": list(shape), "spacing": list(spacing),
-                              "missing_series_prob": float(missing_series_prob)},
+                              "missing_series_prob": float(missing_series_prob),
+                              "lowres_series": {name: list(f) for name, f in LOWRES_FACTORS[kind].items()}
+                              if lowres_series else {}},
         }
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(dataset_json, f, indent=2)
@@ -451,12 +500,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")
     parser.add_argument("--missing-prob", type=float, default=0.0,
                         help="probability that a series of a case is missing (written as zeros; default: 0)")
+    parser.add_argument("--lowres-series", action="store_true",
+                        help="acquire some series at a lower resolution and resample them back onto the grid, as "
+                             "clinical protocols do (brain: T2 and FLAIR with twice the slice thickness; prostate: T2w "
+                             "with twice the slice thickness, DWI and ADC twice as coarse in every axis); off by "
+                             "default so that earlier datasets are reproduced exactly")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         ds = make_synthetic_dataset(args.out, num_cases=args.cases, kind=args.kind, shape=tuple(args.shape),
-                                    spacing=tuple(args.spacing), seed=args.seed, missing_series_prob=args.missing_prob)
+                                    spacing=tuple(args.spacing), seed=args.seed, missing_series_prob=args.missing_prob,
+                                    lowres_series=args.lowres_series)
     except SyntheticDatasetError as e:
         print(f"csm_nnunet make-dataset: error: {e}", file=sys.stderr)
         return 1

@@ -164,11 +164,60 @@ def test_refuses_non_empty_target_and_bad_arguments(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path, capsys) -> None:
     out = tmp_path / "Dataset992_Cli"
     argv = ["make-dataset", "--kind", "prostate", "--cases", "2", "--out", str(out), "--shape", "16", "24", "24",
-            "--seed", "3", "--missing-prob", "0.3"]
+            "--seed", "3", "--missing-prob", "0.3", "--lowres-series"]
     assert cli_main(argv) == 0
     with open(out / "dataset.json") as f:
         ds = json.load(f)
     assert ds["numTraining"] == 2 and ds["channel_names"] == {"0": "T2w", "1": "ADC", "2": "DWI"}
     assert ds["csm_synthetic"]["shape"] == [16, 24, 24] and ds["csm_synthetic"]["missing_series_prob"] == 0.3
+    assert ds["csm_synthetic"]["lowres_series"] == {"T2w": [2, 1, 1], "ADC": [2, 2, 2], "DWI": [2, 2, 2]}
     assert cli_main(argv) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def _roughness(volume: np.ndarray, axis: int) -> float:
+    """Mean absolute difference between neighbouring voxels along ``axis``: lower where a series is blurred."""
+    return float(np.mean(np.abs(np.diff(volume.astype(np.float64), axis=axis))))
+
+
+def test_default_phantoms_are_those_of_earlier_versions(tmp_path: Path) -> None:
+    """Every documented experiment regenerates its data with ``make-dataset``: the default output must not drift.
+    Pinned per-series mean and sd and label counts, written by the generator before ``--lowres-series`` existed."""
+    pinned = {
+        "brain": ([(136.5828, 184.685), (179.1269, 246.9571), (185.9769, 254.1615), (99.2418, 124.0522)],
+                  [24307, 236, 31, 2]),
+        "prostate": ([(253.5669, 264.1642), (348.7578, 541.7386), (46.1088, 30.8581)], [23708, 817, 51]),
+    }
+    for kind, (stats, counts) in pinned.items():
+        make_synthetic_dataset(str(tmp_path / kind), num_cases=1, kind=kind, shape=(24, 32, 32), seed=3)
+        images, labels = _case(tmp_path / kind, f"{kind}_000", len(stats))
+        for image, (mean, sd) in zip(images, stats):
+            assert float(image.astype(np.float64).mean()) == pytest.approx(mean, rel=1e-5, abs=1e-3)
+            assert float(image.astype(np.float64).std()) == pytest.approx(sd, rel=1e-5, abs=1e-3)
+        assert np.bincount(labels.astype(int).ravel()).tolist() == counts
+
+
+def test_lowres_series_are_coarser_and_the_rest_is_unchanged(tmp_path: Path) -> None:
+    shape = (31, 34, 36)  # not multiples of the factors: the block mean pads, the interpolation still fills the grid
+    cases = (("brain", ("T2", "FLAIR"), ()), ("prostate", ("T2w",), ("ADC", "DWI")))
+    for kind, coarse_in_z, coarse_everywhere in cases:
+        iso = make_synthetic_dataset(str(tmp_path / f"{kind}_iso"), num_cases=2, kind=kind, shape=shape, seed=4)
+        low = make_synthetic_dataset(str(tmp_path / f"{kind}_low"), num_cases=2, kind=kind, shape=shape, seed=4,
+                                     lowres_series=True)
+        assert iso["csm_synthetic"]["lowres_series"] == {}
+        assert sorted(low["csm_synthetic"]["lowres_series"]) == sorted(coarse_in_z + coarse_everywhere)
+        names = list(iso["channel_names"].values())
+        for case in iso["classification_labels"]:
+            images_iso, labels_iso = _case(tmp_path / f"{kind}_iso", case, len(names))
+            images_low, labels_low = _case(tmp_path / f"{kind}_low", case, len(names))
+            assert labels_iso.tobytes() == labels_low.tobytes()  # same anatomy and lesion
+            first_coarse = min(names.index(n) for n in coarse_in_z + coarse_everywhere)
+            for c, name in enumerate(names):
+                a, b = images_iso[c], images_low[c]
+                assert b.shape == a.shape == shape and np.isfinite(b).all() and b.min() >= 0
+                if c < first_coarse:  # drawn before any coarse series: byte-identical
+                    assert a.tobytes() == b.tobytes(), name
+                if name in coarse_in_z:  # thick slices: smoother across slices, relative to within them
+                    assert _roughness(b, 0) / _roughness(b, 1) < 0.8 * _roughness(a, 0) / _roughness(a, 1), name
+                if name in coarse_everywhere:  # coarse in every axis: smoother within slices as well
+                    assert _roughness(b, 1) < 0.7 * _roughness(a, 1), name
