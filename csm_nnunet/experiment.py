@@ -204,6 +204,8 @@ class Runner:
                 time.sleep(2.0)
                 if epochs:
                     shown = _show_progress(results, t0, epochs, shown)
+                else:
+                    shown = _show_elapsed(t0, shown)
             if shown >= 0 and sys.stdout.isatty():
                 print(flush=True)
         seconds = time.time() - t0
@@ -309,6 +311,20 @@ def _show_progress(results: str, t0: float, epochs: int, shown: int) -> int:
     elif done == epochs or (4 * done) // max(epochs, 1) > (4 * max(shown, 0)) // max(epochs, 1):
         print(f"    epoch {done}/{epochs}  {elapsed:5.0f} s", flush=True)
     return done
+
+
+def _show_elapsed(t0: float, shown: int, every_s: int = 60) -> int:
+    """The heartbeat of a step without epochs (planning, prediction, classification): on a terminal the seconds so
+    far in place, otherwise a line every ``every_s`` seconds, so a long step is never silent. Returns the seconds
+    last shown."""
+    elapsed = int(time.time() - t0)
+    if sys.stdout.isatty():
+        print(f"\r    running  {elapsed:5d} s", end="", flush=True)
+        return elapsed
+    if elapsed // every_s > max(shown, 0) // every_s:
+        print(f"    running  {elapsed:5d} s", flush=True)
+        return elapsed
+    return shown
 
 
 def _find_dataset(raw: str, dataset_id: int) -> str:

@@ -577,3 +577,18 @@ def test_augmentation_workers_none_on_cpu_nnunets_default_on_cuda_and_the_users_
     assert line == ("Machine: x (16 cores, 16 torch threads, 12 augmentation workers), torch 2, "
                     "device cuda (NVIDIA H200)")
     assert "augmentation" not in machine_line({"cpu": "x", "cores": 2, "torch_threads": 2, "da_workers": 0})
+
+
+def test_steps_without_epochs_show_a_heartbeat_instead_of_silence(monkeypatch, capsys):
+    """Planning and prediction take a minute or more on 2 cores: off a terminal, one line per minute elapsed."""
+    from csm_nnunet import experiment as ex
+
+    now = {"t": 1000.0}
+    monkeypatch.setattr(ex.time, "time", lambda: now["t"])
+    shown = -1
+    printed = []
+    for elapsed in (2, 30, 59, 61, 90, 119, 125, 200):
+        now["t"] = 1000.0 + elapsed
+        shown = ex._show_elapsed(1000.0, shown)
+        printed.append(capsys.readouterr().out.strip())
+    assert printed == ["", "", "", "running     61 s", "", "", "running    125 s", "running    200 s"]
