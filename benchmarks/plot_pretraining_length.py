@@ -26,6 +26,8 @@ import statistics
 import sys
 import tempfile
 
+from csm_nnunet.experiment import _mean_sd  # the runner's table cell: mean ± sample sd, the value for one run
+
 REGIONS = ("whole tumour", "tumour core", "enhancing")
 
 
@@ -87,24 +89,16 @@ def collect(paths: list[str], arm: str, baseline: str, condition: str = "complet
     return {"steps": dict(sorted(by_steps.items())), "baseline": base_runs, "setting": setting}
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(curve: dict, arm: str, baseline: str) -> str:
     """Markdown: one row per pretraining length, then the baseline; mean ± sample sd over runs."""
     lines = [f"| arm | pretraining steps | runs | {' | '.join(REGIONS)} |", "|---|---|---|" + "---|" * len(REGIONS)]
     for steps, runs in curve["steps"].items():
         lines.append(f"| {arm} | {steps} | {len(runs[REGIONS[0]])} | "
-                     + " | ".join(_cell(runs[r]) for r in REGIONS) + " |")
+                     + " | ".join(_mean_sd(runs[r]) for r in REGIONS) + " |")
     n_base = len(curve["baseline"][REGIONS[0]])
     if n_base:
         lines.append(f"| {baseline} | 0 (none) | {n_base} | "
-                     + " | ".join(_cell(curve["baseline"][r]) for r in REGIONS) + " |")
+                     + " | ".join(_mean_sd(curve["baseline"][r]) for r in REGIONS) + " |")
     return "\n".join(lines) + "\n"
 
 
