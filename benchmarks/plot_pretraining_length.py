@@ -21,23 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 
-from csm_nnunet.experiment import _mean_sd  # the runner's table cell: mean ± sample sd, the value for one run
+from csm_nnunet.experiment import _mean_sd, parse_arm  # the runner's table cell and its arm-name grammar
+from csm_nnunet.visualize import save_figure_atomically
 
 REGIONS = ("whole tumour", "tumour core", "enhancing")
 
 
 class LengthCurveError(ValueError):
     """Results that cannot go on one curve; the message names the file and the field."""
-
-
-def _base(arm: str) -> str:
-    """``csm-nodrop~400@2`` -> ``csm-nodrop~400``: the repeat suffix does not change what was run."""
-    return arm.split("@", 1)[0]
 
 
 def collect(paths: list[str], arm: str, baseline: str, condition: str = "complete") -> dict:
@@ -61,9 +55,11 @@ def collect(paths: list[str], arm: str, baseline: str, condition: str = "complet
                                        "with another dataset, fold or fine-tuning budget are not comparable: "
                                        "give files of one setting only")
         for name, run in (data.get("arms") or {}).items():
-            base = _base(name)
-            is_arm = base == arm or base.startswith(arm + "~")
-            if not (is_arm or base == baseline):
+            parsed = parse_arm(name)  # "csm-nodrop~400@2" -> ("csm-nodrop", 400, 2)
+            if parsed is None:
+                continue
+            is_arm = parsed[0] == arm
+            if not (is_arm or (parsed[0] == baseline and parsed[1] is None)):
                 continue
             dice = (run.get("dice") or {}).get(condition)
             if dice is None:
@@ -135,17 +131,7 @@ def plot(curve: dict, arm: str, baseline: str, png: str, title: str = "") -> Non
     fig.suptitle(title or f"{setting['dataset']}, fold {setting['fold']}, {setting['finetune_steps']} fine-tuning "
                  "steps: held-out Dice against pretraining length", fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(png))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be read
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure_atomically(fig, png, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ import re
 import statistics
 import sys
 
+from csm_nnunet.fileio import write_text_atomically
+
 _STAMP = r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d+)"
 _EPOCH_START = re.compile(_STAMP + r": Epoch (\d+)\s*$")
 _EPOCH_TIME = re.compile(r": Epoch time: ([0-9.]+) s")
@@ -111,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     print(markdown(rows), end="")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"machine": args.machine, "context": args.context, "runs": rows}, f, indent=1)
-        os.replace(tmp, args.out)
+        write_text_atomically(args.out, json.dumps({"machine": args.machine, "context": args.context, "runs": rows},
+                                                   indent=1))
     return 0
 
 

@@ -1,5 +1,6 @@
 """benchmarks/plot_pretraining_length.py: the curve must hold each run once, at its recorded pretraining length."""
 
+import importlib
 import json
 import statistics
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-curve_tool = pytest.importorskip("plot_pretraining_length")
+curve_tool = importlib.import_module("plot_pretraining_length")  # a plain import: a broken tool must fail, not skip
 
 
 def _dice(wt: float, tc: float, et: float) -> dict:

@@ -1,5 +1,6 @@
 """benchmarks/trainer_log_times.py: the speeds it reports must be those nnU-Net's training log holds."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-times = pytest.importorskip("trainer_log_times")
+times = importlib.import_module("trainer_log_times")  # a plain import: a broken tool must fail, not skip
 
 
 def _log(folder: Path, epoch_s: list[float], gap: float, extra: list[str]) -> None:
