@@ -218,11 +218,15 @@ class Runner:
 TIMINGS_LEDGER = "timings.json"
 
 
-def record_timing(out: str, timings: dict[str, float | None], key: str, seconds: float) -> None:
+def record_timing(out: str, timings: dict[str, float | None], key: str, seconds: float,
+                  ran: list[str] | None = None) -> None:
     """Keep the wall time of a run in ``timings`` and in ``<out>/timings.json``, which outlives the invocation: a
     later invocation of the same command reuses the run (its output exists) and reads its time back from there, so
-    the tables' compute total covers every run behind them, not only those of the last invocation."""
+    the tables' compute total covers every run behind them, not only those of the last invocation. ``ran`` collects
+    the keys this invocation ran itself (not reused), for its entry in the results' ``invocations``."""
     timings[key] = seconds
+    if ran is not None:
+        ran.append(key)
     path = join(out, TIMINGS_LEDGER)
     ledger = json.load(open(path)) if isfile(path) else {}
     ledger[key] = round(seconds, 1)
@@ -269,6 +273,27 @@ def earlier_summary(path: str, resume: bool) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def invocation_record(args: argparse.Namespace, t_start: float, ran: list[str], scope: str) -> dict:
+    """One invocation of the runner as the results remember it: when it started, its wall time, the machine, its
+    options and the runs it ran itself. A ``--resume`` adds arms to a folder's results over several invocations,
+    possibly on other machines; the top-level ``machine`` and ``wall_s`` describe only the newest, so without this
+    list the provenance of the earlier arms would be lost (one results file per folder then says it all)."""
+    import datetime
+
+    options = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}
+    return {"started": datetime.datetime.fromtimestamp(t_start, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "wall_s": round(time.time() - t_start, 1), "scope": scope,
+            "machine": machine_description(getattr(args, "threads", None), getattr(args, "device", "cpu")),
+            "options": options, "ran": list(ran)}
+
+
+def add_invocation(earlier: list[dict], record: dict) -> list[dict]:
+    """``earlier`` (a --resume's kept list) with ``record`` appended, replacing an entry of the same invocation: the
+    grid is rewritten after every label fraction and must list its invocation once."""
+    return [r for r in earlier if r.get("started") != record["started"]] + [record]
 
 
 def compute_total(timings: dict[str, float | None]) -> tuple[float, int]:
@@ -501,6 +526,8 @@ class Context:
     checkpoints: dict[tuple[str, str], str]
     timings: dict[str, float | None]
     t_start: float
+    #: timing keys of the runs this invocation ran itself (shared with the label-fraction contexts it spawns)
+    ran: list[str] = dataclasses.field(default_factory=list)
     #: the fine-tuning fold of splits_final.json (0: ``--labelled``; 2 + i: the i-th ``--fractions`` entry)
     fold: int = 0
     #: suffix of this fold's results folders and files (``""``, or ``"_f10"`` for the 10 % label fraction)
@@ -558,8 +585,8 @@ class Context:
                              f"export_{arm}")
                     weights = exported
                 cmd += ["-pretrained_weights", weights]
-            record_timing(self.out, self.timings, timing_key,
-                          self.run(cmd, results, extra, f"train_{run_name}", epochs=self.args.epochs))
+            record_timing(self.out, self.timings, timing_key, ran=self.ran,
+                          seconds=self.run(cmd, results, extra, f"train_{run_name}", epochs=self.args.epochs))
         res: dict = {"trainer": trainer, "pretrained": pretrainer, "preset": preset if trainer.startswith(
             ("CSM", "nnUNet_Primus")) else None, "finetune_steps": self.steps["finetune"],
             "finetune_lr": getattr(self.args, "finetune_lr", None)}
@@ -607,6 +634,8 @@ class Context:
         summary["compute_s"], summary["untimed_runs"] = compute_total(summary["timings_s"])
         summary["wall_s"] = round(time.time() - self.t_start, 1)
         summary["wall_scope"] = "this label fraction in this invocation" if self.tag else "this invocation"
+        summary["invocations"] = add_invocation(summary.get("invocations", []), invocation_record(
+            self.args, self.t_start, [k for k in self.ran if k in self.timings], summary["wall_scope"]))
         write_text_atomically(results_json, json.dumps(summary, indent=1))
         write_text_atomically(join(self.out, md), markdown(summary))
         if summary["arms"]:
@@ -659,10 +688,11 @@ def prepare(args: argparse.Namespace) -> Context:
 
     # ---- plan + preprocess (once)
     timings: dict[str, float | None] = {}
+    ran: list[str] = []
     if isfile(join(pre, name, f"{PLANS}.json")):
         reuse_timing(out, timings, "plan_and_preprocess")
     else:
-        record_timing(out, timings, "plan_and_preprocess", run(
+        record_timing(out, timings, "plan_and_preprocess", ran=ran, seconds=run(
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-pl", "CSMPlanner", "-fpe",
              "CSMFingerprintExtractor", "-c", CONFIG, "-np", run.preprocessing_processes, "-npfp",
              run.preprocessing_processes], join(out, "results", "_plan"),
@@ -670,7 +700,7 @@ def prepare(args: argparse.Namespace) -> Context:
     split = write_splits(join(pre, name), cases, args.val, args.labelled, args.split_seed,
                          tuple(getattr(args, "fractions", None) or ()), ds.get("classification_labels"))
     steps = {"pretrain": args.pretrain_epochs * args.iters, "finetune": args.epochs * args.iters}
-    ctx = Context(args, out, run, name, dataset_id, ds, file_ending, split, steps, arms, {}, timings, t_start)
+    ctx = Context(args, out, run, name, dataset_id, ds, file_ending, split, steps, arms, {}, timings, t_start, ran)
 
     # ---- pretraining runs needed by the arms (fold 1: every non-held-out case)
     for arm in arms:
@@ -692,7 +722,7 @@ def prepare(args: argparse.Namespace) -> Context:
             # replicate k >= 2 draws other masks (CSM_MASK_SEED); weights and batches differ anyway (nnU-Net is
             # not seeded)
             seed = {"CSM_MASK_SEED": str(12345 + 1000 * replicate)} if replicate > 1 else {}
-            record_timing(out, timings, f"pretrain {tag}", run(
+            record_timing(out, timings, f"pretrain {tag}", ran=ctx.ran, seconds=run(
                 ["nnUNetv2_train", str(dataset_id), CONFIG, "1", "-tr", pretrainer, "-p", PLANS, "-device",
                  args.device],
                 results, {**ctx.length(epochs), "CSM_PRESET": preset, **seed}, f"pretrain_{tag}", epochs=epochs))
@@ -727,7 +757,7 @@ def run_segmentation(ctx: Context) -> dict:
             if isdir(pred) and any(f.endswith(ctx.file_ending) for f in os.listdir(pred)):
                 reuse_timing(ctx.out, ctx.timings, key)
             else:
-                record_timing(ctx.out, ctx.timings, key, ctx.run(
+                record_timing(ctx.out, ctx.timings, key, ran=ctx.ran, seconds=ctx.run(
                     ["nnUNetv2_predict", "-d", str(ctx.dataset_id), "-c", CONFIG, "-f", str(ctx.fold), "-tr", trainer,
                      "-p", PLANS, "-i", folder, "-o", pred, "--disable_tta", "-device", args.device, "-npp", "1",
                      "-nps", "1"],
@@ -769,7 +799,7 @@ def run_classification(ctx: Context) -> dict:
             if isfile(csv_path):
                 reuse_timing(ctx.out, ctx.timings, key)
             else:
-                record_timing(ctx.out, ctx.timings, key, ctx.run(
+                record_timing(ctx.out, ctx.timings, key, ran=ctx.ran, seconds=ctx.run(
                     ["csm_nnunet", "classify", "-i", folder, "-o", csv_path, "-m", model, "-f", str(ctx.fold),
                      "--masks", join(ctx.out, "raw", ctx.name, "labelsTr"), "-device", args.device], results,
                     {"CSM_PRESET": preset}, f"classify_{run_name}"))
@@ -872,7 +902,8 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     name = grid_json_name(ctx.args.study, ctx.variant)
     # a --resume keeps the arms of earlier invocations in the tables, so it keeps the planning and pretraining times
     # behind them too (this invocation may not have run them: an added scratch arm pretrains nothing)
-    kept = earlier_summary(join(ctx.out, name), ctx.args.resume).get("timings_s", {})
+    earlier = earlier_summary(join(ctx.out, name), ctx.args.resume)
+    kept = earlier.get("timings_s", {})
     grid = dict(sorted(grid.items(), key=lambda item: float(item[0])))  # columns in label order, kept ones too
     split = {"val": ctx.split["val"], "pretraining": ctx.split["pretraining"],
              "fractions": {pct: s["split"]["labelled"] for pct, s in grid.items()}}
@@ -891,6 +922,8 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
                                               for k, v in s.get("timings_s", {}).items()}}
     summary["compute_s"], summary["untimed_runs"] = compute_total(everything)
     summary["wall_s"] = round(time.time() - ctx.t_start, 1)
+    summary["invocations"] = add_invocation(earlier.get("invocations", []), invocation_record(
+        ctx.args, ctx.t_start, ctx.ran, "this invocation"))
     write_text_atomically(join(ctx.out, name), json.dumps(summary, indent=1))
     write_text_atomically(join(ctx.out, name[: -len(".json")] + ".md"), markdown_grid(summary))
     plot_grid(summary, join(ctx.out, name[: -len(".json")] + ".png"))
@@ -998,7 +1031,7 @@ def plot_grid(summary: dict, png: str) -> None:
     save_figure_atomically(fig, png, dpi=120)
 
 
-def machine_description(threads: int, device: str = "cpu") -> dict:
+def machine_description(threads: int | None, device: str = "cpu") -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()

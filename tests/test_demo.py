@@ -64,3 +64,10 @@ def test_experiment_grid_fine_tunes_one_fold_per_label_fraction(tmp_path):
     assert sorted(f50["arms"]["csm-noseriesmask"]["cases"]["complete"]) == sorted(f50["split"]["val"])
     assert "By the held-out cases' class" in (out / "results_f50.md").read_text()
     assert (out / "results_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # provenance: one invocation, which ran planning, the pretraining and both fractions; each fraction's file lists
+    # only its own runs
+    (call,) = grid["invocations"]
+    assert {"plan_and_preprocess", "pretrain CSMPretrainer_NoSeriesMask_tiny", "train csm-noseriesmask_f50",
+            "train csm-noseriesmask_f100"} <= set(call["ran"]) and call["options"]["arms"] == "csm-noseriesmask"
+    (own,) = f50["invocations"]
+    assert own["ran"] and all(k.endswith("_f50 complete") or k.endswith("_f50") for k in own["ran"]), own["ran"]

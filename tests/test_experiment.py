@@ -430,6 +430,54 @@ def test_run_times_outlive_the_invocation_that_measured_them(tmp_path):
         assert json.load(f)["train csm-layerdecay_f50"] == 280.0
 
 
+def test_the_results_keep_every_invocation_that_added_to_them(tmp_path):
+    """A --resume adds arms to a folder's results over several invocations, possibly on other machines; the
+    top-level ``machine`` and ``wall_s`` describe only the newest. ``invocations`` keeps each one with the runs it ran
+    itself (not those it reused), once however often it rewrote the file, and starts over without --resume."""
+    import argparse
+    import dataclasses
+
+    from csm_nnunet.experiment import Context, write_grid
+
+    def fake_run(cmd, results, extra=None, log_name="", epochs=None):
+        return 30.0
+
+    def fraction(timings: dict) -> dict:
+        arms = {"csm": {"metrics": {"complete": {"auc": 0.8, "accuracy": 0.7, "sensitivity": 1.0, "specificity": 0.5}}}}
+        return {"split": {"labelled": ["a", "b"]}, "fold": 2, "arms": arms, "timings_s": timings,
+                "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}}
+
+    args = argparse.Namespace(study="cls", preset="tiny", seeds=1, pretrain_per_repeat=False, resume=True, crop=None,
+                              finetune_lr=None, epochs=3, iters=2, pretrain_epochs=5, threads=2, device="cpu",
+                              arms="csm")
+    ckpt = {("CSMPretrainer", "tiny", 1, 5): str(tmp_path / "pre" / "checkpoint_final.pth")}
+    split = {"val": ["v"], "pretraining": ["p"], "fractions": {"10": ["a", "b"]}}
+    first = Context(args, str(tmp_path), fake_run, "D", 1, {}, ".nii.gz", split, {"pretrain": 10, "finetune": 6},
+                    ["csm"], ckpt, {}, 1000.0, fold=2, tag="_f10")
+    first.train_arm("csm", "CSMClassifierTrainer", "CSMPretrainer", "tiny")
+    assert first.ran == ["train cls_csm_f10"]
+    write_grid(first, {"10": fraction(first.timings)})
+    summary = write_grid(first, {"10": fraction(first.timings)})  # rewritten after the next fraction: still one
+    (call,) = summary["invocations"]
+    assert call["ran"] == ["train cls_csm_f10"] and call["started"].startswith("1970-01-01T00:16:40")
+    assert call["options"]["arms"] == "csm" and call["machine"]["torch_threads"] == 2
+
+    # the next invocation finds the fine-tuning finished (its checkpoint exists) and reuses it
+    fold = tmp_path / "results" / "cls_csm_f10" / "D" / "CSMClassifierTrainer__nnUNetCSMPlans__3d_fullres" / "fold_2"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    later = dataclasses.replace(first, timings={}, t_start=2000.0, ran=[],
+                                args=argparse.Namespace(**{**vars(args), "arms": "csm,scratch"}))
+    later.train_arm("csm", "CSMClassifierTrainer", "CSMPretrainer", "tiny")
+    later.train_arm("scratch", "CSMClassifierTrainer", None, "tiny")
+    assert later.timings["train cls_csm_f10"] == 30.0 and later.ran == ["train cls_scratch_f10"]
+    summary = write_grid(later, {"10": fraction(later.timings)})
+    assert [c["ran"] for c in summary["invocations"]] == [["train cls_csm_f10"], ["train cls_scratch_f10"]]
+    assert summary["invocations"][1]["options"]["arms"] == "csm,scratch"
+    fresh = dataclasses.replace(later, t_start=3000.0, args=argparse.Namespace(**{**vars(args), "resume": False}))
+    assert len(write_grid(fresh, {"10": fraction(later.timings)})["invocations"]) == 1
+
+
 def test_every_arm_names_a_trainer_nnunet_can_find():
     """An arm whose trainer is not exported by ``csm_nnunet.trainers`` (what the discovery shim re-exports) would
     only fail inside ``nnUNetv2_train``, minutes into an experiment."""
