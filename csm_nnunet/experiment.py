@@ -275,19 +275,19 @@ def earlier_summary(path: str, resume: bool) -> dict:
         return json.load(f)
 
 
-def invocation_record(args: argparse.Namespace, t_start: float, ran: list[str], scope: str) -> dict:
-    """One invocation of the runner as the results remember it: when it started, its wall time, the machine, its
-    options and the runs it ran itself. A ``--resume`` adds arms to a folder's results over several invocations,
-    possibly on other machines; the top-level ``machine`` and ``wall_s`` describe only the newest, so without this
-    list the provenance of the earlier arms would be lost (one results file per folder then says it all)."""
+def invocation_record(args: argparse.Namespace, t_start: float, ran: list[str], summary: dict) -> dict:
+    """One invocation of the runner as the results remember it: when it started, its wall time, scope and machine
+    (those ``summary`` has just recorded at its top level), its options and the runs it ran itself. A ``--resume``
+    adds arms to a folder's results over several invocations, possibly on other machines; the top-level ``machine``
+    and ``wall_s`` describe only the newest, so without this list the provenance of the earlier arms would be lost
+    (one results file per folder then says it all)."""
     import datetime
 
     options = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))}
     return {"started": datetime.datetime.fromtimestamp(t_start, datetime.timezone.utc).isoformat(
                 timespec="milliseconds"),
-            "wall_s": round(time.time() - t_start, 1), "scope": scope,
-            "machine": machine_description(getattr(args, "threads", None), getattr(args, "device", "cpu")),
-            "options": options, "ran": list(ran)}
+            "wall_s": summary["wall_s"], "scope": summary.get("wall_scope", "this invocation"),
+            "machine": summary["machine"], "options": options, "ran": list(ran)}
 
 
 def add_invocation(earlier: list[dict], record: dict) -> list[dict]:
@@ -635,7 +635,7 @@ class Context:
         summary["wall_s"] = round(time.time() - self.t_start, 1)
         summary["wall_scope"] = "this label fraction in this invocation" if self.tag else "this invocation"
         summary["invocations"] = add_invocation(summary.get("invocations", []), invocation_record(
-            self.args, self.t_start, [k for k in self.ran if k in self.timings], summary["wall_scope"]))
+            self.args, self.t_start, [k for k in self.ran if k in self.timings], summary))
         write_text_atomically(results_json, json.dumps(summary, indent=1))
         write_text_atomically(join(self.out, md), markdown(summary))
         if summary["arms"]:
@@ -923,7 +923,7 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
     summary["compute_s"], summary["untimed_runs"] = compute_total(everything)
     summary["wall_s"] = round(time.time() - ctx.t_start, 1)
     summary["invocations"] = add_invocation(earlier.get("invocations", []), invocation_record(
-        ctx.args, ctx.t_start, ctx.ran, "this invocation"))
+        ctx.args, ctx.t_start, ctx.ran, summary))
     write_text_atomically(join(ctx.out, name), json.dumps(summary, indent=1))
     write_text_atomically(join(ctx.out, name[: -len(".json")] + ".md"), markdown_grid(summary))
     plot_grid(summary, join(ctx.out, name[: -len(".json")] + ".png"))
@@ -1031,7 +1031,7 @@ def plot_grid(summary: dict, png: str) -> None:
     save_figure_atomically(fig, png, dpi=120)
 
 
-def machine_description(threads: int | None, device: str = "cpu") -> dict:
+def machine_description(threads: int, device: str = "cpu") -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
