@@ -290,6 +290,21 @@ def invocation_record(args: argparse.Namespace, t_start: float, ran: list[str], 
             "machine": summary["machine"], "options": options, "ran": list(ran)}
 
 
+def kept_invocations(earlier: dict) -> list[dict]:
+    """The ``invocations`` a --resume keeps from ``earlier`` (the summary it extends). A results file written before
+    the runner recorded invocations has arms but no list; without an entry for them the list would start with the
+    first invocation that recorded itself, as if it had run every arm. Their entry cannot say which invocation ran
+    what or when (``started`` and ``ran`` are ``None``), only what the file held and the machine and wall time it
+    named last."""
+    if not earlier or "invocations" in earlier:
+        return list(earlier.get("invocations", []))
+    held: list[str] | dict[str, list[str]] = sorted(earlier.get("arms", {})) or {
+        pct: sorted(f.get("arms", {})) for pct, f in earlier.get("fractions", {}).items()}
+    return [{"started": None, "wall_s": earlier.get("wall_s"),
+             "scope": "every invocation before the results recorded them, merged",
+             "machine": earlier.get("machine"), "options": {}, "ran": None, "held": held}]
+
+
 def add_invocation(earlier: list[dict], record: dict) -> list[dict]:
     """``earlier`` (a --resume's kept list) with ``record`` appended, replacing an entry of the same invocation: the
     grid is rewritten after every label fraction and must list its invocation once."""
@@ -620,6 +635,8 @@ class Context:
     def summary(self, results_json: str) -> dict:
         a = self.args
         summary = earlier_summary(results_json, a.resume)
+        if summary:
+            summary["invocations"] = kept_invocations(summary)  # before the update overwrites machine and wall_s
         summary.update({"study": a.study, "dataset": self.name, "split": self.split, "fold": self.fold,
                         "steps": self.steps,
                         "batch": "from the plans", "preset": a.preset,
@@ -922,7 +939,7 @@ def write_grid(ctx: Context, grid: dict[str, dict]) -> dict:
                                               for k, v in s.get("timings_s", {}).items()}}
     summary["compute_s"], summary["untimed_runs"] = compute_total(everything)
     summary["wall_s"] = round(time.time() - ctx.t_start, 1)
-    summary["invocations"] = add_invocation(earlier.get("invocations", []), invocation_record(
+    summary["invocations"] = add_invocation(kept_invocations(earlier), invocation_record(
         ctx.args, ctx.t_start, ctx.ran, summary))
     write_text_atomically(join(ctx.out, name), json.dumps(summary, indent=1))
     write_text_atomically(join(ctx.out, name[: -len(".json")] + ".md"), markdown_grid(summary))

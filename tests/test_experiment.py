@@ -478,6 +478,40 @@ def test_the_results_keep_every_invocation_that_added_to_them(tmp_path):
     assert len(write_grid(fresh, {"10": fraction(later.timings)})["invocations"]) == 1
 
 
+def test_a_resume_of_results_written_before_invocations_were_recorded_keeps_an_entry_for_their_arms(tmp_path):
+    """Results files older than the ``invocations`` list hold arms that no entry described: a --resume then listed
+    only itself, as if it had run them all. The kept entry says what the file held and what it last named."""
+    import argparse
+
+    from csm_nnunet.experiment import Context, kept_invocations, write_grid
+
+    machine = {"cpu": "old", "cores": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}
+    legacy = {"arms": {"scratch": {}, "csm": {}}, "machine": machine, "wall_s": 600.0}
+    (entry,) = kept_invocations(legacy)
+    assert entry["held"] == ["csm", "scratch"] and entry["started"] is None and entry["ran"] is None
+    assert entry["machine"] == machine and entry["wall_s"] == 600.0
+    recorded = {"arms": {"csm": {}}, "invocations": [{"started": "x", "ran": ["train csm"]}]}
+    assert kept_invocations(recorded) == recorded["invocations"] and kept_invocations({}) == []
+
+    args = argparse.Namespace(study="seg", preset="tiny", seeds=1, pretrain_per_repeat=False, resume=True, crop=None,
+                              finetune_lr=None, threads=2, device="cpu", arms="csm")
+    split = {"val": ["v"], "pretraining": ["p"], "fractions": {"10": ["a", "b"]}}
+    ctx = Context(args, str(tmp_path), None, "D", 1, {}, ".nii.gz", split, {"pretrain": 8, "finetune": 4}, ["csm"],
+                  {}, {}, 1000.0, fold=2, tag="_f10")
+    results = tmp_path / "results_f10.json"
+    results.write_text(json.dumps(legacy))
+    summary = ctx.summary(str(results))
+    assert summary["invocations"][0]["held"] == ["csm", "scratch"]
+    assert summary["invocations"][0]["machine"]["cpu"] == "old" and summary["machine"]["cpu"] != "old"
+
+    grid = {"fractions": {"10": {"arms": {"csm": {}}}}, "machine": machine, "wall_s": 60.0}
+    (tmp_path / "results_grid.json").write_text(json.dumps(grid))
+    fraction = {"split": {"labelled": ["a", "b"]}, "fold": 2, "timings_s": {}, "machine": machine,
+                "arms": {"csm": {"dice": {"complete": {"1": 0.5}}}}}
+    old, new = write_grid(ctx, {"10": fraction})["invocations"]
+    assert old["held"] == {"10": ["csm"]} and new["started"].startswith("1970-01-01T00:16:40")
+
+
 def test_every_arm_names_a_trainer_nnunet_can_find():
     """An arm whose trainer is not exported by ``csm_nnunet.trainers`` (what the discovery shim re-exports) would
     only fail inside ``nnUNetv2_train``, minutes into an experiment."""
