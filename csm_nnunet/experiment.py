@@ -300,6 +300,8 @@ def kept_invocations(earlier: dict) -> list[dict]:
         return list(earlier.get("invocations", []))
     held: list[str] | dict[str, list[str]] = sorted(earlier.get("arms", {})) or {
         pct: sorted(f.get("arms", {})) for pct, f in earlier.get("fractions", {}).items()}
+    if not held:  # nothing was run before: nothing to describe
+        return []
     return [{"started": None, "wall_s": earlier.get("wall_s"),
              "scope": "every invocation before the results recorded them, merged",
              "machine": earlier.get("machine"), "options": {}, "ran": None, "held": held}]

@@ -492,6 +492,7 @@ def test_a_resume_of_results_written_before_invocations_were_recorded_keeps_an_e
     assert entry["machine"] == machine and entry["wall_s"] == 600.0
     recorded = {"arms": {"csm": {}}, "invocations": [{"started": "x", "ran": ["train csm"]}]}
     assert kept_invocations(recorded) == recorded["invocations"] and kept_invocations({}) == []
+    assert kept_invocations({"arms": {}, "machine": machine}) == []
 
     args = argparse.Namespace(study="seg", preset="tiny", seeds=1, pretrain_per_repeat=False, resume=True, crop=None,
                               finetune_lr=None, threads=2, device="cpu", arms="csm")
